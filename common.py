@@ -1,0 +1,249 @@
+"""Helpers shared by download_coco.py, train_blip.py and inference.py.
+
+Only what at least two scripts need lives here (nanochat's common.py is the model):
+the `--NAME=value` configurator, one-line user errors, atomic writes, image opening,
+precision choice and model/processor loading. Nothing runs at import.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+# ----------------------------------------------------------------------------- errors
+class UserError(Exception):
+    """A problem the user can fix. Scripts print it as one line, never a traceback."""
+
+
+def cli(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a script's main(argv=None): a UserError becomes `error: <msg>` and exit code 2,
+    Ctrl-C becomes exit code 130. Tests call main() and catch UserError/SystemExit directly."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        try:
+            return main(argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return wrapper
+
+
+# ----------------------------------------------------------------------------- configurator
+def _parse_value(text: str) -> Any:
+    """`--X=3` -> 3, `--X=[1,2]` -> [1, 2], `--X=None` -> None, `--X=hello` -> 'hello'."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _coerce(name: str, default: Any, value: Any) -> Any:
+    """Check an override against the type of its default (nanoGPT's rule, plus int -> float)."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        if isinstance(default, bool) and isinstance(value, bool):
+            return value
+    elif isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    elif isinstance(default, (list, tuple)) and isinstance(value, str) and "," in value:
+        return type(default)(v.strip() for v in value.split(","))
+    elif isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(default)(value)
+    elif isinstance(value, type(default)):
+        return value
+    elif isinstance(default, str) and isinstance(value, (int, float)):
+        return str(value)  # e.g. --RESUME=3 where a path-like string is expected
+    if isinstance(default, (list, tuple)) and isinstance(value, str):
+        return type(default)([value])
+    raise UserError(
+        f"--{name}={value!r}: expected {type(default).__name__} like the default {default!r}"
+    )
+
+
+def defaults_of(module_globals: dict) -> dict:
+    """The script's UPPER_CASE constants, in the order they are written."""
+    return {
+        k: v
+        for k, v in module_globals.items()
+        if k.isupper() and not k.startswith("_") and not callable(v) and not isinstance(v, type(sys))
+    }
+
+
+def configure(module_globals: dict, argv: list[str] | None, doc: str | None = None) -> dict:
+    """Apply `--NAME=value` overrides to a copy of the script's constants and return it.
+
+    An unknown NAME is an error that lists the valid ones; `-h/--help` prints the docstring
+    and the constants. The module's globals are never modified, so tests can call main() twice.
+    """
+    cfg = dict(defaults_of(module_globals))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print((doc or "").strip() + "\n\nconstants (override with --NAME=value):")
+            for k, v in cfg.items():
+                print(f"  {k} = {v!r}")
+            raise SystemExit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            raise UserError(f"unexpected argument {arg!r}: use --NAME=value, e.g. --EPOCHS=3")
+        name, text = arg[2:].split("=", 1)
+        if name not in cfg:
+            raise UserError(f"unknown setting --{name}; valid names: {', '.join(cfg)}")
+        cfg[name] = _coerce(name, cfg[name], _parse_value(text))
+    return cfg
+
+
+def print_config(cfg: dict, title: str) -> None:
+    """Echo the effective config, so every log starts with what was actually run."""
+    width = max(map(len, cfg))
+    print(f"== {title} ==")
+    for k, v in cfg.items():
+        print(f"  {k:<{width}} = {v!r}")
+
+
+# ----------------------------------------------------------------------------- files
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: whole or absent."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def check_writable(folder: str | os.PathLike, constant: str) -> Path:
+    """Fail early, before minutes of work, if outputs cannot be written."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to {folder} ({e.strerror}); change {constant}") from None
+    return folder
+
+
+# ----------------------------------------------------------------------------- images
+# Images larger than this many pixels are refused instead of decoded (about 0.3 GB as RGB);
+# Pillow's own DecompressionBombError fires at twice its MAX_IMAGE_PIXELS.
+MAX_IMAGE_PIXELS = 100_000_000
+
+
+def open_image(path: str | os.PathLike):
+    """Open an image the way a phone shows it: EXIF rotation applied, converted to 8-bit RGB.
+
+    Handles grayscale, CMYK, palette, RGBA (composited on white) and 16-bit images.
+    Raises UserError with the file name for anything that is not a readable image.
+    """
+    from PIL import Image, ImageOps
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise UserError(f"{path}: {im.width}x{im.height} pixels is too large to caption")
+            im = ImageOps.exif_transpose(im)
+            im.load()
+            return to_rgb(im)
+    except UserError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UserError(f"{path}: image too large ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"{path}: not a readable image ({e})") from None
+
+
+def to_rgb(im):
+    """Convert any PIL mode to RGB. 16-bit ('I;16', 'I') images are scaled down, not clipped."""
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype("uint8"), "L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB")
+
+
+# ----------------------------------------------------------------------------- devices and precision
+def cpu_supports_bf16() -> bool:
+    """bf16 matmuls are fast only on CPUs with avx512_bf16 or AMX; elsewhere they are emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """'auto' -> 'bf16' where the hardware runs it natively, else 'fp32'."""
+    import torch
+
+    valid = ("auto", "fp32", "bf16", "fp16")
+    if precision not in valid:
+        raise UserError(f"PRECISION={precision!r}; valid values: {', '.join(valid)}")
+    if precision != "auto":
+        if precision == "fp16" and device_type == "cpu":
+            raise UserError("PRECISION='fp16' needs a CUDA GPU; use 'bf16' or 'fp32' on CPU")
+        return precision
+    if device_type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device_type == "cpu" and cpu_supports_bf16() else "fp32"
+
+
+# ----------------------------------------------------------------------------- loading
+def _offline_hint(model_id: str, constant: str) -> str:
+    return (
+        f"could not load {model_id!r} from the Hugging Face Hub or a local folder. "
+        f"Check your connection, or download it once (huggingface-cli download {model_id}) "
+        f"and set --{constant}=/path/to/local/copy"
+    )
+
+
+def load_processor(model_id: str, constant: str = "MODEL_ID"):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(model_id)
+    except OSError:
+        raise UserError(_offline_hint(model_id, constant)) from None
+
+
+def load_model(model_id: str, constant: str = "MODEL_ID", **kwargs):
+    """Load BlipForConditionalGeneration (the one BLIP-specific class this module names)."""
+    from transformers import BlipForConditionalGeneration
+
+    try:
+        return BlipForConditionalGeneration.from_pretrained(model_id, **kwargs)
+    except OSError:
+        raise UserError(_offline_hint(model_id, constant)) from None

@@ -1,0 +1,206 @@
+"""Fixtures shared by the test files.
+
+- `shared_dir`, `coco_mirror`, `blip_processor_dir`: the read-only stand-ins in ../shared
+  (skipped with a reason when ../shared is absent).
+- `serve`: a real HTTP server on 127.0.0.1 (random free port) over a folder, with HTTP Range
+  support, a request log and an optional fault hook.
+- `make_coco_mirror` / `synthetic_mirror`: a tiny COCO-format mirror built from nothing, so
+  the download tests also run where ../shared is absent.
+- `build_tiny_blip` / `tiny_blip_dir`: a small random BLIP saved with the real processor.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import socket
+import sys
+import threading
+import zipfile
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("BLIP_SHARED_DIR", REPO.parent / "shared"))
+sys.path.insert(0, str(REPO))  # the scripts are plain files at the top level, not a package
+
+os.environ.setdefault("MPLBACKEND", "Agg")  # headless: never try to open a window in tests
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: fail fast instead of retrying
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ----------------------------------------------------------------------------- ../shared
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path} (../shared is absent here)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return _need(SHARED, "the shared folder")
+
+
+@pytest.fixture(scope="session")
+def coco_mirror() -> Path:
+    return _need(SHARED / "coco_mirror", "the COCO mirror")
+
+
+@pytest.fixture(scope="session")
+def blip_processor_dir() -> Path:
+    return _need(SHARED / "blip_processor", "the BLIP processor files")
+
+
+# ----------------------------------------------------------------------------- HTTP server
+class MirrorHandler(SimpleHTTPRequestHandler):
+    """Serves a folder like the COCO server: GET/HEAD with single `bytes=N-` or `N-M` ranges.
+
+    `fault(handler) -> bool` runs first; if it returns True it has answered the request itself.
+    """
+
+    fault = None
+    log: list = None
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def send_head(self):
+        self.log.append((self.command, self.path, self.headers.get("Range")))
+        if self.fault is not None and self.fault(self):
+            return None
+        rng = self.headers.get("Range")
+        path = Path(self.translate_path(self.path))
+        if not rng or not path.is_file():
+            return super().send_head()
+        size = path.stat().st_size
+        start_s, _, end_s = rng.removeprefix("bytes=").partition("-")
+        start, end = int(start_s or 0), int(end_s) if end_s else size - 1
+        if start >= size:
+            self.send_error(416)
+            return None
+        with open(path, "rb") as f:
+            f.seek(start)
+            body = f.read(end - start + 1)
+        self.send_response(206)
+        self.send_header("Content-Type", self.guess_type(str(path)))
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.end_headers()
+        return io.BytesIO(body)
+
+
+class Server:
+    def __init__(self, directory: Path, fault=None):
+        handler = type("Handler", (MirrorHandler,), {"fault": staticmethod(fault) if fault else None, "log": []})
+        self.log = handler.log
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(directory)))
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def gets(self, prefix: str = "") -> list[str]:
+        """Paths of GET requests so far (optionally only those under a prefix)."""
+        return [p for m, p, _ in self.log if m == "GET" and p.startswith(prefix)]
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def serve():
+    """serve(folder, fault=None) -> Server with .url, .log and .stop(); stopped after the test."""
+    servers = []
+
+    def start(directory, fault=None):
+        servers.append(Server(Path(directory), fault))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- synthetic COCO mirror
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
+
+
+def make_coco_mirror(root: Path, split: str = "val2017", n_images: int = 12, seed: int = 0) -> Path:
+    """Write a COCO-server-shaped mirror: annotations zip + `{split}/*.jpg` of coloured squares.
+
+    Each image has 5 captions, the first of which is "A {colour} square on the table."; one
+    image id has no captions at all, as happens in real COCO (it must never be selected).
+    """
+    from PIL import Image
+
+    rng = random.Random(seed)
+    root = Path(root)
+    (root / split).mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(1, n_images + 2):
+        name = f"{i:012d}.jpg"
+        colour = rng.choice(list(COLOURS))
+        Image.new("RGB", (64 + i, 48 + i), COLOURS[colour]).save(root / split / name, quality=90)
+        images.append({"id": i, "file_name": name, "width": 64 + i, "height": 48 + i})
+        if i == n_images + 1:
+            continue  # an image without captions
+        for k in range(5):
+            text = f"A {colour} square on the table." if k == 0 else f"Caption {k} of image {i} is a {colour} one."
+            annotations.append({"id": 1000 * i + k, "image_id": i, "caption": text})
+    rng.shuffle(annotations)  # real files are not sorted by image; "first" means file order
+    # Keep every image's first-written caption first in file order, to make the rule testable.
+    annotations.sort(key=lambda a: (a["id"] % 1000 != 0))
+    captions = {"info": {}, "licenses": [], "images": images, "annotations": annotations}
+    (root / "annotations").mkdir(exist_ok=True)
+    with zipfile.ZipFile(root / "annotations" / "annotations_trainval2017.zip", "w") as z:
+        z.writestr(f"annotations/captions_{split}.json", json.dumps(captions))
+    return root
+
+
+@pytest.fixture
+def synthetic_mirror(tmp_path) -> Path:
+    return make_coco_mirror(tmp_path / "mirror")
+
+
+# ----------------------------------------------------------------------------- tiny BLIP
+def build_tiny_blip(out_dir: Path, processor_dir: Path, image_size: int = 64, hidden: int = 64, seed: int = 0) -> Path:
+    """A random BLIP small enough for CPU tests that keeps the tutorial's LoRA target names
+    (vision layers 6-9 need 10 vision layers; text layers 5-6 need 7 text layers)."""
+    import torch
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
+
+    torch.manual_seed(seed)
+    config = BlipConfig(
+        vision_config=dict(
+            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=10,
+            num_attention_heads=2, image_size=image_size, patch_size=16,
+        ),
+        text_config=dict(
+            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=7,
+            num_attention_heads=2, encoder_hidden_size=hidden, max_position_embeddings=64,
+        ),
+        projection_dim=hidden,
+    )
+    model = BlipForConditionalGeneration(config)
+    processor = BlipProcessor.from_pretrained(processor_dir)
+    processor.image_processor.size = {"height": image_size, "width": image_size}
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_blip_dir(tmp_path_factory, blip_processor_dir) -> Path:
+    return build_tiny_blip(tmp_path_factory.mktemp("tiny_blip"), blip_processor_dir)
