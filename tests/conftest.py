@@ -204,3 +204,111 @@ def build_tiny_blip(out_dir: Path, processor_dir: Path, image_size: int = 64, hi
 @pytest.fixture(scope="session")
 def tiny_blip_dir(tmp_path_factory, blip_processor_dir) -> Path:
     return build_tiny_blip(tmp_path_factory.mktemp("tiny_blip"), blip_processor_dir)
+
+
+# ---- nasty inputs
+# Generated per test in tmp_path, never committed. Each generator returns {name: expectation}
+# so a test can check that every "bad" one is reported by name and every "ok" one is used.
+
+
+def make_good_images(folder: Path, n: int = 8, size: int = 48) -> dict[str, str]:
+    """n small plain JPEGs of the COLOURS, captioned with their colour: {file_name: caption}."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = {}
+    names = list(COLOURS)
+    for i in range(n):
+        colour = names[i % len(names)]
+        name = f"good_{i:02d}.jpg"
+        Image.new("RGB", (size + i, size), COLOURS[colour]).save(folder / name, quality=90)
+        captions[name] = f"a {colour} square"
+    return captions
+
+
+def make_nasty_images(folder: Path, huge: bool = True) -> dict[str, str]:
+    """The issue's nasty images, written into folder: {file_name: "ok" | "bad"}.
+
+    "ok" ones must be opened and used (converted to RGB, EXIF rotation applied); "bad" ones must
+    be skipped with their name in a message. `huge` adds the 10,000x10,000 image (exactly
+    common.MAX_IMAGE_PIXELS, accepted) and a 12,000x12,000 one (refused from its header); both
+    are mode "1" PNGs, a few tens of kB on disk, written in about a second.
+    """
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+
+    (folder / "zero_bytes.jpg").write_bytes(b"")
+    out["zero_bytes.jpg"] = "bad"
+
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 60).convert("RGB").save(buf, "JPEG", quality=95)
+    (folder / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    out["truncated.jpg"] = "bad"
+
+    (folder / "text_named.jpg").write_text("this is not a JPEG, just text with the wrong name\n")
+    out["text_named.jpg"] = "bad"
+
+    Image.new("CMYK", (40, 30), (0, 255, 255, 0)).save(folder / "cmyk.jpg")
+    out["cmyk.jpg"] = "ok"
+
+    Image.new("RGBA", (40, 30), (30, 60, 220, 128)).save(folder / "rgba.png")
+    out["rgba.png"] = "ok"
+
+    Image.new("RGB", (40, 30), (30, 180, 40)).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
+    out["palette.png"] = "ok"
+
+    gray16 = (np.arange(30 * 40, dtype=np.uint16).reshape(30, 40) * 50)
+    Image.fromarray(gray16).save(folder / "gray16.png")  # mode I;16 on disk
+    out["gray16.png"] = "ok"
+
+    im = Image.new("RGB", (60, 20), (220, 30, 30))
+    exif = im.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees to display; shown as 20x60
+    im.save(folder / "exif_rotated.jpg", exif=exif.tobytes())
+    out["exif_rotated.jpg"] = "ok"
+
+    Image.new("RGB", (1, 1), (230, 220, 30)).save(folder / "one_pixel.png")
+    out["one_pixel.png"] = "ok"
+
+    if huge:
+        Image.new("1", (10_000, 10_000), 1).save(folder / "huge_10000x10000.png")
+        out["huge_10000x10000.png"] = "ok"
+        Image.new("1", (12_000, 12_000), 1).save(folder / "bomb_12000x12000.png")
+        out["bomb_12000x12000.png"] = "bad"
+    return out
+
+
+def make_nasty_captions(folder: Path, good: dict[str, str]) -> dict[str, tuple[Path, str]]:
+    """One DATA_DIR per nasty captions.json, each beside links to the good images.
+
+    `good` is {file_name: caption} of images already in `folder` (see make_good_images).
+    Returns {case: (data_dir, expectation)}; expectation is "error" (a clear UserError before
+    training), "skip" (the named entries are skipped, the run finishes on the rest), "ok"
+    (the run finishes, e.g. a long caption is truncated) or "error_or_skip" (either is fine).
+    """
+    folder = Path(folder)
+    first = next(iter(good))
+    cases = {
+        "invalid_json": (b'{"' + first.encode() + b'": "a red square",', "error"),
+        "list_not_mapping": (json.dumps(list(good.values())).encode(), "error"),
+        "non_string_caption": (json.dumps({**good, first: 42}).encode(), "error_or_skip"),
+        "empty_caption": (json.dumps({**good, first: ""}).encode(), "error_or_skip"),
+        "long_caption": (json.dumps({**good, first: ("very long caption " * 300)[:5000]}).encode(), "ok"),
+        "non_utf8": (b'{"' + first.encode() + b'": "caf\xe9 cr\xe8me"}', "error"),
+        "missing_files": (json.dumps({**good, "missing_1.jpg": "gone", "missing_2.jpg": "gone"}).encode(), "skip"),
+    }
+    out = {}
+    for case, (data, expect) in cases.items():
+        d = folder / f"captions_{case}"
+        d.mkdir(parents=True, exist_ok=True)
+        for name in good:
+            if not (d / name).exists():
+                os.symlink(folder / name, d / name)
+        (d / "captions.json").write_bytes(data)
+        out[case] = (d, expect)
+    return out
