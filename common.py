@@ -247,3 +247,113 @@ def load_model(model_id: str, constant: str = "MODEL_ID", **kwargs):
         return BlipForConditionalGeneration.from_pretrained(model_id, **kwargs)
     except OSError:
         raise UserError(_offline_hint(model_id, constant)) from None
+
+
+# ---- attention
+# BLIP in transformers 5.x only has the eager attention path: it builds the full (heads x tokens x
+# tokens) probability matrix and keeps it for backward. torch's fused scaled_dot_product_attention
+# (SDPA) computes the same thing without materialising it. We switch existing module instances
+# over (their own qkv/query/key/value Linears still run, so LoRA wrappers on them still apply), and
+# fall back to the eager code whenever attention maps are asked for, since SDPA does not return them.
+
+
+def _attentions_requested(kwargs: dict) -> bool:
+    """True if this forward must return attention probabilities (output_attentions=True)."""
+    if kwargs.get("output_attentions"):
+        return True
+    try:  # transformers 5 records attentions with hooks; the active request lives in a context var
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
+
+
+def _sdpa(query, key, value, mask, dropout: float, scale: float | None = None):
+    """SDPA with an additive float mask cast to the query dtype (bf16 under autocast); bool kept."""
+    import torch.nn.functional as F
+
+    if mask is not None and mask.dtype.is_floating_point:
+        mask = mask.to(device=query.device, dtype=query.dtype)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale)
+
+
+def _vision_sdpa_forward(self, hidden_states, **kwargs):
+    """BlipAttention.forward (vision self-attention, fused qkv) on SDPA; same outputs, no probs."""
+    if _attentions_requested(kwargs):
+        return type(self).forward(self, hidden_states, **kwargs)
+    bsz, tgt_len, embed_dim = hidden_states.size()
+    qkv = self.qkv(hidden_states).reshape(bsz, tgt_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    dropout = self.dropout.p if self.training else 0.0
+    context = _sdpa(qkv[0], qkv[1], qkv[2], None, dropout, scale=self.scale)
+    context = context.transpose(1, 2).reshape(bsz, tgt_len, embed_dim)
+    return self.projection(context), None
+
+
+def _text_sdpa_forward(
+    self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+    cache=None, **kwargs,
+):
+    """BlipTextSelfAttention.forward (decoder self- and cross-attention) on SDPA.
+
+    The key/value cache handling is the eager method's, line for line; only the score/softmax/
+    weighted-sum part changes. Masks arrive already expanded to 4-D additive floats (causal for
+    self-attention) by BlipTextModel, so they pass straight through as SDPA's attn_mask.
+    """
+    if _attentions_requested(kwargs) or "past_key_values" in kwargs:
+        return type(self).forward(
+            self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache, **kwargs
+        )
+    from transformers.cache_utils import EncoderDecoderCache
+
+    input_shape = hidden_states.shape[:-1]
+    query = self.query(hidden_states).view(*input_shape, -1, self.attention_head_size).transpose(1, 2)
+    is_cross = encoder_hidden_states is not None
+    mask = encoder_attention_mask if is_cross else attention_mask
+
+    is_updated, layer_cache = False, cache
+    if isinstance(cache, EncoderDecoderCache):
+        is_updated = cache.is_updated.get(self.layer_idx)
+        layer_cache = cache.cross_attention_cache if is_cross else cache.self_attention_cache
+    if is_cross and cache is not None and is_updated:  # image keys/values computed at the first step
+        key, value = layer_cache.layers[self.layer_idx].keys, layer_cache.layers[self.layer_idx].values
+    else:
+        states = encoder_hidden_states if is_cross else hidden_states
+        kv_shape = (*states.shape[:-1], -1, self.attention_head_size)
+        key = self.key(states).view(kv_shape).transpose(1, 2)
+        value = self.value(states).view(kv_shape).transpose(1, 2)
+        if cache is not None:
+            key, value = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs)
+            if is_cross and isinstance(cache, EncoderDecoderCache):
+                cache.is_updated[self.layer_idx] = True
+
+    dropout = self.dropout.p if self.training else 0.0
+    context = _sdpa(query, key, value, mask, dropout)  # default scale is 1/sqrt(head size), as eager
+    context = context.transpose(1, 2).reshape(*input_shape, self.all_head_size)
+    return context, None
+
+
+def enable_sdpa(model, text: bool = True) -> int:
+    """Run BLIP's attention modules on torch SDPA; returns how many modules now use it.
+
+    Works on the plain model or through a peft wrapper (modules are found by type), before or
+    after get_peft_model. Calling it twice changes nothing. `text=False` keeps the text decoder
+    on eager attention and switches only the vision encoder.
+    """
+    import types
+
+    from transformers.models.blip.modeling_blip import BlipAttention
+    from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
+
+    patches = [(BlipAttention, _vision_sdpa_forward)]
+    if text:
+        patches.append((BlipTextSelfAttention, _text_sdpa_forward))
+    switched = 0
+    for module in model.modules():
+        for cls, forward in patches:
+            if isinstance(module, cls):
+                # An instance attribute shadows the class method; the class's eager forward stays
+                # reachable as type(module).forward for the fallback above.
+                module.forward = types.MethodType(forward, module)
+                switched += 1
+    return switched
