@@ -294,7 +294,7 @@ def fetch_image(session: requests.Session, url: str, path: Path, timeout: float)
 
 
 def fetch_many(fetch: Callable[[str], tuple[str, str]], names: Iterator[str], want: int, workers: int,
-               max_failures_in_a_row: int, desc: str, where: str) -> dict:
+               max_failures_in_a_row: int, desc: str, stop_hint: str) -> dict:
     """Run fetch(name) on `workers` threads until `want` succeed, replacing each failure by the next
     name from `names` (shared between calls). Returns the successes in pool order and the failures."""
     order = itertools.count()
@@ -328,10 +328,7 @@ def fetch_many(fetch: Callable[[str], tuple[str, str]], names: Iterator[str], wa
                     in_a_row += 1
                     tqdm.write(f"  failed {name}: {reason}; taking another image")
                     if in_a_row >= max_failures_in_a_row:
-                        raise common.UserError(
-                            f"{in_a_row} downloads in a row failed (last: {name}: {reason}); is the server at "
-                            f"COCO_BASE_URL up? Rerun to resume: finished images in {where} are kept"
-                        )
+                        raise common.UserError(f"{in_a_row} downloads in a row failed (last: {name}: {reason}); {stop_hint}")
                     submit_next()
         except BaseException:
             for future in running:  # do not start queued downloads; running ones end by TIMEOUT
@@ -399,7 +396,8 @@ def main(argv=None):
         def fetch(name: str, folder: Path = folder) -> tuple[str, str]:
             return fetch_image(session, f"{base}/{cfg['SPLIT']}/{name}", folder / name, cfg["TIMEOUT"])
 
-        runs.append(fetch_many(fetch, names, want, cfg["WORKERS"], cfg["MAX_FAILURES_IN_A_ROW"], desc, str(folder)))
+        hint = f"is the server at COCO_BASE_URL={base} up? Rerun to resume: finished images in {folder} are kept"
+        runs.append(fetch_many(fetch, names, want, cfg["WORKERS"], cfg["MAX_FAILURES_IN_A_ROW"], desc, hint))
     train, test = runs
 
     write_outputs(out, train["names"], captions_by_file, cfg["ADD_MISTAKES"], metadata=True)
