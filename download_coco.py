@@ -133,7 +133,7 @@ def download_resumable(session: requests.Session, url: str, dest: Path, timeout:
     """Fetch url into `dest.part`, resuming what a previous (killed) run left via HTTP Range,
     and return the .part path once it has the full length. The caller validates and renames."""
     part = dest.with_name(dest.name + ".part")
-    for attempt in range(attempts):
+    for _ in range(attempts):
         have = part.stat().st_size if part.exists() else 0
         try:
             r = session.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True, timeout=timeout)
@@ -300,15 +300,16 @@ def fetch_many(fetch: Callable[[str], tuple[str, str]], names: Iterator[str], wa
     order = itertools.count()
     ok: list[tuple[int, str]] = []
     failures: list[tuple[str, str]] = []
-    counts = {"downloaded": 0, "present": 0}
+    counts = {"downloaded": 0, "present": 0, "replaced": 0}
     in_a_row = 0
     with futures.ThreadPoolExecutor(max_workers=workers) as executor, tqdm(total=want, desc=desc, unit="img") as bar:
         running = {}
 
-        def submit_next() -> None:
+        def submit_next() -> bool:
             name = next(names, None)
             if name is not None:
                 running[executor.submit(fetch, name)] = (next(order), name)
+            return name is not None
 
         try:
             for _ in range(want):
@@ -329,7 +330,7 @@ def fetch_many(fetch: Callable[[str], tuple[str, str]], names: Iterator[str], wa
                     tqdm.write(f"  failed {name}: {reason}; taking another image")
                     if in_a_row >= max_failures_in_a_row:
                         raise common.UserError(f"{in_a_row} downloads in a row failed (last: {name}: {reason}); {stop_hint}")
-                    submit_next()
+                    counts["replaced"] += submit_next()
         except BaseException:
             for future in running:  # do not start queued downloads; running ones end by TIMEOUT
                 future.cancel()
@@ -407,15 +408,14 @@ def main(argv=None):
     stale = remove_stale_images(out, set(train["names"])) + remove_stale_images(
         samples, set(test["names"]) | ({"test_image.jpg"} if test["names"] else set()))
 
-    failed = len(train["failures"]) + len(test["failures"])
-    short = (n_train - len(train["names"])) + (n_test - len(test["names"]))
+    failed, replaced = len(train["failures"]) + len(test["failures"]), train["replaced"] + test["replaced"]
     for got, want, what in ((len(train["names"]), n_train, "training"), (len(test["names"]), n_test, "test")):
         if got < want:
             print(f"warning: delivered only {got} of {want} {what} images: the pool of captioned {cfg['SPLIT']} images ran out")
     elapsed = time.perf_counter() - start
     print(
         f"delivered {len(train['names'])}/{n_train} training images to {out}/ and {len(test['names'])}/{n_test} "
-        f"test images to {samples}/ ({failed - short} replaced, {failed} failed, "
+        f"test images to {samples}/ ({replaced} replaced, {failed} failed, "
         f"{train['downloaded'] + test['downloaded']} downloaded, {train['present'] + test['present']} already there, "
         f"{stale} stale removed) in {elapsed:.1f}s"
     )
@@ -423,7 +423,7 @@ def main(argv=None):
         "train": train["names"], "test": test["names"],
         "failures": train["failures"] + test["failures"],
         "delivered": len(train["names"]), "test_delivered": len(test["names"]),
-        "replaced": failed - short, "failed": failed,
+        "replaced": replaced, "failed": failed,
         "downloaded": train["downloaded"] + test["downloaded"], "present": train["present"] + test["present"],
         "stale_removed": stale, "elapsed_s": elapsed,
         "output_dir": str(out), "samples_dir": str(samples),

@@ -212,7 +212,7 @@ def test_end_to_end_on_a_synthetic_mirror(synthetic_mirror, serve, tmp_path):
 def test_pool_running_out_delivers_fewer_with_a_warning(synthetic_mirror, serve, tmp_path, capsys):
     server = serve(synthetic_mirror)
     result = dl.main(args_for(server.url, tmp_path, "--NUM_IMAGES=10", "--NUM_TEST_IMAGES=5"))
-    assert (result["delivered"], result["test_delivered"]) == (10, 2)
+    assert (result["delivered"], result["test_delivered"], result["replaced"]) == (10, 2, 0)
     assert "delivered only 2 of 5 test images" in capsys.readouterr().out
     check_contract(synthetic_mirror, tmp_path, 10, 2)
 
