@@ -94,12 +94,16 @@ class MirrorHandler(SimpleHTTPRequestHandler):
         return io.BytesIO(body)
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64  # the default 5 drops bursts from parallel downloaders
+
+
 class Server:
     def __init__(self, directory: Path, fault=None):
         handler = type("Handler", (MirrorHandler,), {"fault": staticmethod(fault) if fault else None, "log": []})
         self.log = handler.log
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(directory)))
-        self.httpd.daemon_threads = True
+        self.httpd = _HTTPServer(("127.0.0.1", 0), partial(handler, directory=str(directory)))
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
