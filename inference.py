@@ -1,0 +1,693 @@
+"""Caption images with the fine-tuned BLIP, compare with the base model, draw and score them.
+
+Run after download_coco.py and train_blip.py:
+
+    python inference.py                                  # samples/test_image.jpg, like the tutorial
+    python inference.py --IMAGES=samples                 # every held-out image: grid + before/after table
+    python inference.py --IMAGES="photos/*.png" --COMPARE_BASE=False --SHOW=never
+    python inference.py --IMAGES=samples --MERGE_TO=blip_coco_merged   # also export a standalone model
+
+It loads the base model and the adapter once (peft). With COMPARE_BASE the base captions come
+from the same model with the adapter switched off, so there is never a second model in memory.
+Outputs: one line per image, RESULTS_PATH (JSON with everything), FIGURE_PATH (PNG grid) and,
+when references exist, BLEU-1..4 / METEOR / ROUGE-L / CIDEr plus the style-adoption rate.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import common
+from common import UserError
+
+# ---- model
+ADAPTER_DIR = "blip_coco_finetuned"  # train_blip.py's OUTPUT_DIR: a peft adapter, or a full model (USE_LORA=False)
+BASE_MODEL_ID = None  # None: read base_model_name_or_path from adapter_config.json | hub id | local folder
+DEVICE = "auto"  # "auto" (cuda if available, else cpu) | "cpu" | "cuda" | "cuda:1"
+PRECISION = "auto"  # "auto" (bf16 where the hardware has it, else fp32) | "fp32" | "bf16" | "fp16" (CUDA only)
+
+# ---- input
+IMAGES = "samples/test_image.jpg"  # a file | a folder (its image files) | a glob such as "photos/*.png"
+REFERENCES = "auto"  # "auto": references.json beside the images, if present | a path | None: no metrics
+
+# ---- captioning
+COMPARE_BASE = True  # also caption with the adapter switched off (the same model, no second copy)
+BATCH_SIZE = 8  # images per generate() call; more is faster until memory runs out
+NUM_BEAMS = 3  # BLIP's COCO evaluation setting; 1 = greedy
+# BLIP's COCO eval uses max_length=20, but that cuts the style we teach: " thwisss iz funny." alone is
+# 8 tokens and every "thwisss" is 4, so 62% of the mirror's mistake captions need more than 20
+# (median 21, 99th percentile 34, longest 37, counting [DEC] and [SEP]). 40 fits them all.
+MAX_LENGTH = 40  # caption tokens at most, counting the start token
+MIN_LENGTH = 5  # BLIP's COCO evaluation setting
+DO_SAMPLE = False  # True: sample like the tutorial (TEMPERATURE, TOP_P) instead of beam search
+TEMPERATURE = 0.9  # only with DO_SAMPLE
+TOP_P = 0.9  # only with DO_SAMPLE
+SEED = 0  # makes sampled captions repeatable
+
+# ---- output
+SHOW = "auto"  # "auto" (a window only when a display exists) | "always" | "never"; the PNG is always saved
+FIGURE_PATH = "inference_results.png"  # the grid of images with their captions
+FIGURE_MAX_IMAGES = 16  # the figure shows the first N images; all of them are in RESULTS_PATH
+RESULTS_PATH = "inference_results.json"  # captions, skipped files, metrics, the before/after table
+MERGE_TO = None  # a folder: also save base+adapter merged into one standalone model (+ processor)
+
+# The injected style (download_coco.py's mistake rule) that the style-adoption rate looks for.
+_STYLE_SUFFIX = "thwisss iz funny"
+_STYLE_TOKENS = ("thwisss", "iz")
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+# ----------------------------------------------------------------------------- finding images
+def find_images(spec) -> list[Path]:
+    """IMAGES -> the files to caption, sorted: a file, a folder's image files, or a glob's matches.
+
+    Unreadable files are kept here on purpose: they are reported by name when opened."""
+    if isinstance(spec, (list, tuple)):
+        return [p for s in spec for p in find_images(s)]
+    path = Path(os.path.expanduser(str(spec)))
+    if path.is_dir():
+        files = sorted(
+            f for f in path.iterdir()
+            if f.suffix.lower() in _IMAGE_SUFFIXES and not f.name.startswith(".") and not f.is_dir()
+        )
+    elif path.is_file():
+        files = [path]
+    elif any(c in str(spec) for c in "*?["):
+        import glob
+
+        files = sorted(Path(f) for f in glob.glob(os.path.expanduser(str(spec)), recursive=True) if not Path(f).is_dir())
+    else:
+        raise UserError(f"IMAGES={spec!r}: no such file or folder")
+    if not files:
+        raise UserError(f"IMAGES={spec!r}: no image files found there ({', '.join(_IMAGE_SUFFIXES)})")
+    return files
+
+
+def default_references(files: list[Path]) -> Path | None:
+    """REFERENCES='auto': the references.json beside the (first) image, if there is one."""
+    candidate = files[0].parent / "references.json"
+    return candidate if candidate.is_file() else None
+
+
+def load_references(path) -> dict[str, list[str]]:
+    """{file_name: [caption, ...]} (download_coco.py's format); a single string is one reference."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"REFERENCES={str(path)!r} does not exist; set --REFERENCES=None to skip metrics") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"REFERENCES={str(path)!r} is not a readable JSON file ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"REFERENCES={str(path)!r} must map file names to lists of captions")
+    refs = {}
+    for name, value in data.items():
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"REFERENCES={str(path)!r}: the entry for {name!r} is not a list of captions")
+        if any(v.strip() for v in value):
+            refs[name] = [v for v in value if v.strip()]
+    return refs
+
+
+def read_batches(paths: list[Path], batch_size: int, skipped: list, log=print):
+    """Yield lists of (path, RGB image), BATCH_SIZE at a time, so memory stays bounded.
+
+    A file that cannot be read is reported by name, appended to `skipped`, and the rest go on."""
+    batch = []
+    for path in paths:
+        try:
+            batch.append((path, common.open_image(path)))
+        except UserError as e:
+            log(f"skipped: {e}")
+            skipped.append({"file": str(path), "reason": str(e)})
+            continue
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def preprocess(processor, images):
+    """PIL images -> the pixel tensor the model sees (resized and normalised by the processor)."""
+    return processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+# ----------------------------------------------------------------------------- loading
+def read_model_dir(adapter_dir) -> dict:
+    """What train_blip.py left in ADAPTER_DIR: {"kind": "adapter"|"full", "base": the base it names}."""
+    folder = Path(adapter_dir)
+    if not folder.exists():
+        raise UserError(
+            f"ADAPTER_DIR={str(adapter_dir)!r} does not exist: run train_blip.py first "
+            f"(it saves there), or point --ADAPTER_DIR at its OUTPUT_DIR"
+        )
+    if (folder / "adapter_config.json").is_file():
+        try:
+            config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{folder / 'adapter_config.json'} is unreadable ({e}); rerun train_blip.py") from None
+        return {"kind": "adapter", "base": config.get("base_model_name_or_path")}
+    if (folder / "config.json").is_file():
+        return {"kind": "full", "base": None}
+    raise UserError(
+        f"ADAPTER_DIR={str(adapter_dir)!r} holds neither adapter_config.json (LoRA) nor config.json "
+        f"(full model): run train_blip.py first, or let it finish"
+    )
+
+
+def load_base(base_id: str, why: str):
+    """The base BLIP in fp32; a failure names the base and the BASE_MODEL_ID constant."""
+    import torch
+
+    try:
+        return common.load_model(base_id, "BASE_MODEL_ID", dtype=torch.float32)
+    except UserError as e:
+        raise UserError(f"{why} {base_id!r}, which failed to load: {e}") from None
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"{why} {base_id!r}, which failed to load ({e}); set --BASE_MODEL_ID") from None
+
+
+def load_captioner(adapter_dir, base_model_id=None):
+    """Load (model, processor, info) once, in fp32, in eval mode.
+
+    - adapter folder: the base (BASE_MODEL_ID, else the one adapter_config.json names) wrapped by
+      peft; `model.disable_adapter()` then gives the base captions from the same weights.
+    - full-model folder (train_blip.py with USE_LORA=False): that model; info["base"] is
+      BASE_MODEL_ID or None, and the base, if wanted, must be loaded separately (load_base).
+    """
+    info = read_model_dir(adapter_dir)
+    if info["kind"] == "adapter":
+        base_id = base_model_id or info["base"]
+        if not base_id:
+            raise UserError(f"{adapter_dir}/adapter_config.json names no base model; set --BASE_MODEL_ID")
+        base = load_base(base_id, f"the adapter in {adapter_dir} was trained on")
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+        except (ValueError, RuntimeError, KeyError) as e:
+            first_line = str(e).strip().splitlines()[0][:300]
+            raise UserError(
+                f"the adapter in {adapter_dir} does not fit the base {base_id!r} ({first_line}); "
+                f"set --BASE_MODEL_ID to the model it was trained on"
+            ) from None
+        info["base"] = base_id
+    else:
+        model = common.load_model(str(adapter_dir), "ADAPTER_DIR")
+        info["base"] = base_model_id
+    # A processor saved beside the adapter wins (train_blip.py saves it); else the base's own.
+    has_processor = any((Path(adapter_dir) / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))
+    processor = common.load_processor(str(adapter_dir) if has_processor else info["base"], "BASE_MODEL_ID")
+    # SDPA hook (issue 5): common.enable_sdpa(model) goes here once it exists.
+    return model.eval(), processor, info
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"DEVICE={device!r} but no CUDA GPU is visible; use 'auto' or 'cpu'")
+    return device
+
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def set_precision(model, precision: str, device: str = "cpu"):
+    """Cast the model's weights (in place) for inference and return the torch dtype.
+
+    Casting the weights beats autocast for generation: autocast re-casts every weight on every
+    decoding step. 'auto' is bf16 only where the hardware runs it natively (common.resolve_precision)."""
+    import torch
+
+    resolved = common.resolve_precision(precision, device.split(":")[0])
+    dtype = getattr(torch, _DTYPES[resolved])
+    model.to(device=device, dtype=dtype)
+    return dtype
+
+
+# ----------------------------------------------------------------------------- BLIP-specific pieces
+# Another model family replaces these five small functions; everything else stays.
+def blip_of(model):
+    """The BlipForConditionalGeneration inside a peft wrapper (LoRA layers included)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def first_adapted_vision_layer(model) -> int:
+    """Index of the first vision layer an adapter changes (the layer count if none).
+
+    Vision layers before it compute the same thing with the adapter on or off, so the base and
+    fine-tuned captions share them: all of the vision forward for a text-only adapter, layers
+    0-5 for the tutorial's adapter (it starts at layer 6)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    vision = blip_of(model).vision_model
+    first = len(vision.encoder.layers)
+    for name, module in vision.named_modules():
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            m = re.match(r"encoder\.layers\.(\d+)\.", name)
+            first = min(first, int(m.group(1)) if m else 0)  # embeddings: nothing can be shared
+    return first
+
+
+def vision_prefix(blip, pixel_values, upto: int):
+    """Patch embeddings and vision layers [0, upto): the part that does not depend on the adapter."""
+    hidden = blip.vision_model.embeddings(pixel_values)
+    for layer in blip.vision_model.encoder.layers[:upto]:
+        hidden = layer(hidden)
+    return hidden
+
+
+def vision_rest(blip, hidden, start: int):
+    """Vision layers [start, end) and the final layer norm -> the image embeddings the decoder reads.
+    vision_rest(vision_prefix(x, k), k) equals blip.vision_model(x)[0] exactly, for any k."""
+    for layer in blip.vision_model.encoder.layers[start:]:
+        hidden = layer(hidden)
+    return blip.vision_model.post_layernorm(hidden)
+
+
+def decode_captions(blip, image_embeds, **generate_kwargs):
+    """BLIP's generate() minus its vision forward: every caption starts with [DEC] (BOS) and ends
+    at [SEP]. The text decoder's generate() does batching, beams and the KV cache (self- and
+    cross-attention keys/values are computed once, then reused for each new token)."""
+    import torch
+
+    text = blip.config.text_config
+    n = image_embeds.shape[0]
+    start = torch.full((n, 1), text.bos_token_id, dtype=torch.long, device=image_embeds.device)
+    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    return blip.text_decoder.generate(
+        input_ids=start,
+        eos_token_id=text.sep_token_id,
+        pad_token_id=text.pad_token_id,
+        encoder_hidden_states=image_embeds,
+        encoder_attention_mask=image_mask,
+        **generate_kwargs,
+    )
+
+
+# ----------------------------------------------------------------------------- captioning
+def generate_ids(model, pixel_values, compare_base: bool = False, **generate_kwargs):
+    """Caption token ids for one batch: (fine-tuned, base or None).
+
+    The vision layers the adapter does not touch run once and feed both passes."""
+    import torch
+    from peft import PeftModel
+
+    blip = blip_of(model)
+    is_peft = isinstance(model, PeftModel)
+    if compare_base and not is_peft:
+        raise ValueError("compare_base needs a peft model (an adapter to switch off)")
+    share = first_adapted_vision_layer(model) if is_peft else len(blip.vision_model.encoder.layers)
+    with torch.inference_mode():
+        prefix = vision_prefix(blip, pixel_values, share)
+        tuned = decode_captions(blip, vision_rest(blip, prefix, share), **generate_kwargs)
+        base = None
+        if compare_base:
+            with model.disable_adapter():
+                base = decode_captions(blip, vision_rest(blip, prefix, share), **generate_kwargs)
+    return tuned, base
+
+
+def _decode(processor, ids) -> list[str]:
+    return [" ".join(t.split()) for t in processor.batch_decode(ids, skip_special_tokens=True)]
+
+
+def caption_batches(model, processor, batches, compare_base=False, **generate_kwargs):
+    """For each batch of PIL images, yield (fine-tuned captions, base captions or None)."""
+    param = next(model.parameters())
+    for images in batches:
+        pixels = preprocess(processor, images).to(device=param.device, dtype=param.dtype)
+        tuned, base = generate_ids(model, pixels, compare_base, **generate_kwargs)
+        yield _decode(processor, tuned), (_decode(processor, base) if base is not None else None)
+
+
+def caption_images(model, processor, images, batch_size=BATCH_SIZE, precision=None, **generate_kwargs) -> list[str]:
+    """Caption PIL images in batches with the model as it is (adapter on, for a peft model).
+
+    precision=None keeps the model's dtype; "auto"/"fp32"/"bf16"/"fp16" casts it first (in place,
+    see set_precision). generate_kwargs go to generate(): num_beams, max_new_tokens, do_sample, ..."""
+    if precision is not None:
+        set_precision(model, precision, str(next(model.parameters()).device))
+    chunks = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    return [c for tuned, _ in caption_batches(model, processor, chunks, **generate_kwargs) for c in tuned]
+
+
+def caption_images_with_base(model, processor, images, batch_size=BATCH_SIZE, precision=None, **generate_kwargs):
+    """Like caption_images, for a peft model: returns (fine-tuned captions, base captions), the
+    base ones with the adapter switched off, sharing the vision layers the adapter leaves alone."""
+    if precision is not None:
+        set_precision(model, precision, str(next(model.parameters()).device))
+    chunks = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    tuned, base = [], []
+    for t, b in caption_batches(model, processor, chunks, compare_base=True, **generate_kwargs):
+        tuned += t
+        base += b
+    return tuned, base
+
+
+def generate_settings(cfg: dict) -> dict:
+    """The decoding constants as generate() keywords (sampling knobs only when sampling)."""
+    kwargs = dict(num_beams=cfg["NUM_BEAMS"], max_length=cfg["MAX_LENGTH"], min_length=cfg["MIN_LENGTH"], do_sample=cfg["DO_SAMPLE"])
+    if cfg["DO_SAMPLE"]:
+        kwargs.update(temperature=cfg["TEMPERATURE"], top_p=cfg["TOP_P"])
+    return kwargs
+
+
+# ----------------------------------------------------------------------------- metrics
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+_PUNCTUATION = re.compile(r"[^\w\s']|(?<!\w)'|'(?!\w)")
+
+
+def plain_tokenize(text: str) -> str:
+    """The fallback when Java is missing: lowercase, punctuation removed, whitespace split.
+
+    Close to pycocoevalcap's PTB tokenizer for plain captions ("A dog, running." -> "a dog running");
+    it differs on contractions ("don't" stays one token), so scores can differ slightly."""
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def tokenize_all(captions: dict[str, list[str]], use_java: bool, log=print) -> tuple[dict, bool]:
+    """{key: [captions]} -> {key: [tokenized]}, with the PTB tokenizer when Java works."""
+    if use_java:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        try:
+            out = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+            if set(out) == set(captions):
+                return out, True
+            log("note: the PTB tokenizer returned incomplete output; using the plain tokenizer")
+        except (OSError, ValueError) as e:
+            log(f"note: the PTB tokenizer failed ({e}); using the plain tokenizer")
+    return {k: [plain_tokenize(c) for c in v] for k, v in captions.items()}, False
+
+
+def score_caption_sets(candidates: dict[str, dict], references: dict, use_java: bool | None = None, log=print) -> dict:
+    """COCO caption metrics for several candidate sets against one set of references.
+
+    candidates: {set_name: {key: caption}}; references: {key: [captions]} (keys must match).
+    Returns {set_name: {"BLEU-1".."BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}}; METEOR is None
+    without Java. CIDEr weighs n-grams by how rare they are among the references, so it needs
+    several images to mean anything (with one image it is 0)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if use_java is None:
+        use_java = java_available()
+        if not use_java:
+            log("note: Java not found: METEOR is skipped and captions use the plain tokenizer, not PTB")
+    keys = list(references)
+    everything = {f"ref/{k}": references[k] for k in keys}
+    for name, caps in candidates.items():
+        everything.update({f"{name}/{k}": [caps[k]] for k in keys})
+    tokens, used_java = tokenize_all(everything, use_java, log)
+    gts = {k: tokens[f"ref/{k}"] for k in keys}
+    meteor = None
+    if used_java:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        try:
+            meteor = Meteor()
+        except OSError as e:
+            log(f"note: METEOR could not start ({e}); skipped")
+    results = {}
+    try:
+        for name in candidates:
+            res = {k: tokens[f"{name}/{k}"] for k in keys}
+            bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+            scores = {f"BLEU-{i + 1}": float(b) for i, b in enumerate(bleu)}
+            scores["METEOR"] = float(meteor.compute_score(gts, res)[0]) if meteor else None
+            scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+            scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+            results[name] = scores
+    finally:
+        if meteor is not None:  # stop the Java process now, not whenever garbage collection runs
+            with meteor.lock:
+                meteor.meteor_p.stdin.close()
+                meteor.meteor_p.kill()
+                meteor.meteor_p.wait()
+    results["tokenizer"] = "PTB (Java)" if used_java else "plain (no Java)"
+    return results
+
+
+def style_rates(captions: list[str]) -> dict:
+    """Style adoption: the share of captions that contain "thwisss iz funny", and the share that
+    contain the words "thwisss" and "iz" anywhere (the mistake rule's the->thwisss, is->iz)."""
+    n = max(len(captions), 1)
+    words = [re.findall(r"[a-z]+", c.lower()) for c in captions]
+    rates = {"suffix": sum(_STYLE_SUFFIX in " ".join(w) for w in words) / n}
+    for token in _STYLE_TOKENS:
+        rates[token] = sum(token in w for w in words) / n
+    return rates
+
+
+_METRIC_ROWS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+_STYLE_ROWS = {"suffix": f'"{_STYLE_SUFFIX}"', "thwisss": '"thwisss"', "iz": '"iz"'}
+
+
+def before_after_table(metrics: dict | None, style: dict) -> list[dict]:
+    """Rows {"metric", "base", "fine_tuned"} (a column is None when it was not computed)."""
+    rows = []
+    for m in _METRIC_ROWS if metrics else ():
+        rows.append({"metric": m, **{c: metrics.get(c, {}).get(m) for c in ("base", "fine_tuned")}})
+    for key, label in _STYLE_ROWS.items():
+        rows.append({"metric": f"style {label}", **{c: style[c][key] if c in style else None for c in ("base", "fine_tuned")}})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    def cell(v, style):
+        return "-" if v is None else (f"{100 * v:.1f}%" if style else f"{v:.3f}")
+
+    lines = [f"{'':<26}{'base':>10}{'fine-tuned':>12}{'change':>10}"]
+    for r in rows:
+        style = r["metric"].startswith("style")
+        b, f = r["base"], r["fine_tuned"]
+        change = "-" if b is None or f is None else (f"{100 * (f - b):+.1f}" if style else f"{f - b:+.3f}")
+        lines.append(f"{r['metric']:<26}{cell(b, style):>10}{cell(f, style):>12}{change:>10}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- figure
+def has_display() -> bool:
+    """Whether a window can open: macOS/Windows always; Linux needs X11 or Wayland."""
+    if os.environ.get("MPLBACKEND", "").lower() in ("agg", "pdf", "svg", "ps", "cairo", "template"):
+        return False
+    return sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def draw_figure(images, names, tuned, base=None, show=False, width=38):
+    """A grid: each image with its caption(s) as a wrapped title. One image alone is drawn large
+    with its caption as the title, as in the tutorial. Returns the matplotlib Figure."""
+    n = len(images)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    size = (7, 7.5) if n == 1 else (4.2 * cols, 4.8 * rows)
+    if show:
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=size)
+    else:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=size)
+    for i, image in enumerate(images):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(image)
+        ax.axis("off")
+        w = 60 if n == 1 else width
+        if base is None:
+            title = textwrap.fill(tuned[i], w)
+        else:
+            title = textwrap.fill(f"fine-tuned: {tuned[i]}", w) + "\n" + textwrap.fill(f"base: {base[i]}", w)
+        ax.set_title(title if n == 1 else f"{names[i]}\n{title}", fontsize=12 if n == 1 else 9)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing")  # odd characters in captions
+        fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path) -> None:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing")
+        fig.savefig(buffer, format="png", dpi=100)
+    common.atomic_write_bytes(path, buffer.getvalue())
+
+
+def show_figure(fig, log=print) -> None:
+    """Open a window; never crash a run whose results are already saved."""
+    try:
+        import matplotlib.pyplot as plt
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "non-interactive backend" on headless machines
+            plt.show()
+    except Exception as e:  # any GUI toolkit failure: the PNG is already on disk
+        log(f"note: could not open a window ({type(e).__name__}: {e})")
+
+
+# ----------------------------------------------------------------------------- export
+def export_merged(adapter_dir, base_model_id, out_dir) -> Path:
+    """MERGE_TO: fold the adapter into the base weights (fp32) and save a standalone model plus
+    the processor. It then loads with plain BlipForConditionalGeneration.from_pretrained(out_dir)."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise UserError(f"MERGE_TO={str(out_dir)!r} exists and is not a model folder; choose another")
+    model, processor, info = load_captioner(adapter_dir, base_model_id)
+    if info["kind"] != "adapter":
+        raise UserError(f"MERGE_TO needs a LoRA adapter, but {adapter_dir} already holds a full model")
+    merged = model.merge_and_unload()
+    # Save beside, then swap in: a crash never leaves a half-written model at MERGE_TO.
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    cfg = common.configure(globals(), argv, __doc__)
+    common.print_config(cfg, "inference.py")
+    show = {True: "always", False: "never"}.get(cfg["SHOW"], cfg["SHOW"])
+    if show not in ("auto", "always", "never"):
+        raise UserError(f"SHOW={cfg['SHOW']!r}; valid values: auto, always, never")
+    if cfg["BATCH_SIZE"] < 1 or cfg["NUM_BEAMS"] < 1 or cfg["MAX_LENGTH"] <= cfg["MIN_LENGTH"]:
+        raise UserError("need BATCH_SIZE >= 1, NUM_BEAMS >= 1 and MAX_LENGTH > MIN_LENGTH")
+
+    # Everything that can fail cheaply fails before the model loads.
+    kind = read_model_dir(cfg["ADAPTER_DIR"])["kind"]
+    paths = find_images(cfg["IMAGES"])
+    ref_path = default_references(paths) if cfg["REFERENCES"] == "auto" else cfg["REFERENCES"]
+    references = load_references(ref_path) if ref_path else {}
+    for key in ("RESULTS_PATH", "FIGURE_PATH"):
+        common.check_writable(Path(cfg[key]).resolve().parent, key)
+    if cfg["MERGE_TO"]:
+        common.check_writable(Path(cfg["MERGE_TO"]).resolve().parent, "MERGE_TO")
+        if kind != "adapter":
+            raise UserError(f"MERGE_TO needs a LoRA adapter, but {cfg['ADAPTER_DIR']} already holds a full model")
+    device = pick_device(cfg["DEVICE"])
+
+    import torch
+    from tqdm import tqdm
+
+    model, processor, info = load_captioner(cfg["ADAPTER_DIR"], cfg["BASE_MODEL_ID"])
+    base_model = None
+    compare = cfg["COMPARE_BASE"]
+    if compare and info["kind"] == "full":
+        if info["base"]:  # a full fine-tune has no adapter to switch off: the base is a second model
+            base_model = load_base(info["base"], "BASE_MODEL_ID names").eval()
+        else:
+            print(f"note: {cfg['ADAPTER_DIR']} holds a full model (USE_LORA=False): set --BASE_MODEL_ID to compare with a base; base captions skipped")
+            compare = False
+    dtype = set_precision(model, cfg["PRECISION"], device)
+    if base_model is not None:
+        set_precision(base_model, cfg["PRECISION"], device)
+    print(f"model: {info['kind']} from {cfg['ADAPTER_DIR']}, base {info['base']!r}, {device}, {str(dtype).removeprefix('torch.')}")
+
+    generate_kwargs = generate_settings(cfg)
+    if cfg["DO_SAMPLE"]:
+        torch.manual_seed(cfg["SEED"])
+    results, skipped, thumbs = [], [], []
+    bar = tqdm(total=len(paths), desc="captioning", unit="img", disable=len(paths) < 2)
+    start = time.perf_counter()
+    for batch in read_batches(paths, cfg["BATCH_SIZE"], skipped, log=tqdm.write):
+        names, images = [p for p, _ in batch], [im for _, im in batch]
+        if base_model is None:
+            tuned, base = next(caption_batches(model, processor, [images], compare, **generate_kwargs))
+        else:
+            tuned, _ = next(caption_batches(model, processor, [images], **generate_kwargs))
+            base, _ = next(caption_batches(base_model, processor, [images], **generate_kwargs))
+        for i, (path, image) in enumerate(batch):
+            entry = {"file": path.name, "path": str(path), "fine_tuned": tuned[i]}
+            if base is not None:
+                entry["base"] = base[i]
+            if path.name in references:
+                entry["references"] = references[path.name]
+            results.append(entry)
+            tqdm.write(f"{path.name}  fine-tuned: {tuned[i]!r}" + (f"  base: {base[i]!r}" if base is not None else ""))
+            if len(thumbs) < cfg["FIGURE_MAX_IMAGES"]:
+                image.thumbnail((640, 640))  # the figure never needs more; frees the full image
+                thumbs.append(image)
+        bar.update(len(results) + len(skipped) - bar.n)
+    bar.close()
+    seconds = time.perf_counter() - start
+    if not results:
+        raise UserError(f"none of the {len(paths)} file(s) in IMAGES={cfg['IMAGES']!r} could be read as an image (see the lines above)")
+    print(f"captioned {len(results)} image(s) in {seconds:.1f} s ({len(results) / seconds:.2f} images/s); skipped {len(skipped)}")
+
+    # ---- scores: style adoption always, COCO metrics where references exist
+    columns = {"fine_tuned": [r["fine_tuned"] for r in results]}
+    if compare:
+        columns["base"] = [r["base"] for r in results]
+    style = {c: style_rates(caps) for c, caps in columns.items()}
+    metrics = None
+    scored = [i for i, r in enumerate(results) if "references" in r]
+    if not ref_path:
+        print("no references (REFERENCES): COCO metrics skipped")
+    elif not scored:
+        print(f"none of these images are in {ref_path}: COCO metrics skipped")
+    else:
+        if len(scored) < len(results):
+            print(f"scoring the {len(scored)} of {len(results)} images that have references in {ref_path}")
+        refs = {str(i): results[i]["references"] for i in scored}
+        cands = {c: {str(i): caps[i] for i in scored} for c, caps in columns.items()}
+        metrics = score_caption_sets(cands, refs)
+        metrics["images_scored"] = len(scored)
+    rows = before_after_table(metrics, style)
+    table = format_table(rows)
+    print(table)
+
+    # ---- figure and results
+    fig_names = [r["file"] for r in results[: len(thumbs)]]
+    fig = draw_figure(thumbs, fig_names, columns["fine_tuned"], columns.get("base"), show=show != "never" and (show == "always" or has_display()))
+    save_figure(fig, cfg["FIGURE_PATH"])
+    out = {
+        "config": cfg,
+        "model": {**info, "adapter_dir": str(cfg["ADAPTER_DIR"]), "device": device, "dtype": str(dtype).removeprefix("torch.")},
+        "generate": generate_kwargs,
+        "images": results,
+        "skipped": skipped,
+        "metrics": metrics,
+        "style": style,
+        "table": rows,
+        "table_text": table,
+        "timing": {"seconds": seconds, "images_per_s": len(results) / seconds},
+        "figure": {"path": str(cfg["FIGURE_PATH"]), "panels": len(fig.axes)},
+        "references": str(ref_path) if ref_path else None,
+        "merged_to": None,
+    }
+    if cfg["MERGE_TO"]:
+        del model, base_model  # the export reloads in fp32, so free this copy first
+        out["merged_to"] = str(export_merged(cfg["ADAPTER_DIR"], cfg["BASE_MODEL_ID"], cfg["MERGE_TO"]))
+        print(f"merged model saved to {out['merged_to']} (load it with BlipForConditionalGeneration.from_pretrained)")
+    common.atomic_write_json(cfg["RESULTS_PATH"], out)
+    print(f"results: {cfg['RESULTS_PATH']}  figure: {cfg['FIGURE_PATH']}")
+    if fig.canvas.manager is not None:  # a pyplot figure: SHOW asked for a window
+        show_figure(fig)
+    return out
+
+
+if __name__ == "__main__":
+    common.cli(main)()
