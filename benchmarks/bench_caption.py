@@ -1,0 +1,194 @@
+"""Captioning speed: the tutorial's one-image-at-a-time loop vs inference.py, same model and images.
+
+    python benchmarks/bench_caption.py                     # both paths, a few minutes on 2 CPU cores
+    python benchmarks/bench_caption.py --OURS_BATCH_SIZE=16 --NUM_IMAGES=32
+
+Model: the random BLIP-base from bench_train.py (MODEL_DIR, built once) with a LoRA adapter of the
+tutorial's shape (ADAPTER_DIR, built once), loaded the way each path loads it. Random weights never
+emit [SEP], and sampling could stop anywhere, so both paths generate exactly NEW_TOKENS tokens per
+image (min_new_tokens = max_new_tokens): the same work. Timing covers opening and preprocessing the
+images too, after one untimed warm-up. Each path runs in its own subprocess. The ratio is last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE.parent))
+sys.path.insert(0, str(_HERE))
+
+import common  # noqa: E402
+from bench_train import ensure_random_blip, machine, repo_path, run_measured  # noqa: E402
+
+# ---- model and images
+MODEL_DIR = ".cache/blip-random-base"  # the random BLIP-base (built once, as in bench_train.py)
+PROCESSOR_DIR = "../shared/blip_processor"  # the real processor, saved into MODEL_DIR
+ADAPTER_DIR = ".cache/blip-random-base-lora"  # a LoRA adapter of the tutorial's shape on MODEL_DIR (built once)
+MIRROR_DIR = "../shared/coco_mirror"  # images are read from its val2017/
+NUM_IMAGES = 16  # images captioned by each path (the first ones by name)
+# ---- decoding (both paths)
+NEW_TOKENS = 20  # every caption is exactly this many new tokens
+TEMPERATURE = 0.9  # the tutorial's sampling
+TOP_P = 0.9  # the tutorial's sampling
+# ---- ours (inference.py)
+OURS_BATCH_SIZE = 8  # images per generate() call
+OURS_PRECISION = "auto"  # auto (bf16 where native) | fp32 | bf16
+# ---- run
+RUN = "both"  # both | baseline | ours  (baseline-child / ours-child: used internally for the subprocesses)
+RESULTS_PATH = "benchmarks/results/caption.json"  # all figures, machine and commands (gitignored)
+
+_LORA_TARGETS = [f"vision_model.encoder.layers.{i}.self_attn.qkv" for i in (6, 7, 8, 9)] + [
+    f"text_decoder.bert.encoder.layer.{i}.attention.self.{p}" for i in (5, 6) for p in ("query", "key", "value")
+]
+
+
+def ensure_adapter(model_dir: Path, adapter_dir: Path) -> Path:
+    """Save an untrained LoRA adapter (r16, alpha 32, the tutorial's targets) for MODEL_DIR, once."""
+    if (adapter_dir / "adapter_config.json").exists():
+        return adapter_dir
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    torch.manual_seed(0)
+    model = get_peft_model(BlipForConditionalGeneration.from_pretrained(model_dir),
+                           LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=_LORA_TARGETS))
+    tmp = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix=".lora-"))
+    model.save_pretrained(tmp)
+    BlipProcessor.from_pretrained(model_dir).save_pretrained(tmp)
+    os.replace(tmp, adapter_dir)
+    return adapter_dir
+
+
+def image_paths(mirror: Path, n: int) -> list[Path]:
+    paths = sorted((mirror / "val2017").glob("*.jpg"))[:n]
+    if len(paths) < n:
+        raise common.UserError(f"only {len(paths)} images in {mirror / 'val2017'}; lower NUM_IMAGES or set MIRROR_DIR")
+    return paths
+
+
+# ----------------------------------------------------------------------------- the two paths
+def tutorial_captions(cfg: dict, paths: list[Path]) -> dict:
+    """The tutorial's inference: base + adapter with peft, then one image at a time, fp32, sampling."""
+    import torch
+    from peft import PeftModel
+    from PIL import Image
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    model_dir, adapter_dir = repo_path(cfg["MODEL_DIR"]), repo_path(cfg["ADAPTER_DIR"])
+    processor = BlipProcessor.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(BlipForConditionalGeneration.from_pretrained(model_dir), adapter_dir).eval()
+    settings = dict(do_sample=True, temperature=cfg["TEMPERATURE"], top_p=cfg["TOP_P"],
+                    min_new_tokens=cfg["NEW_TOKENS"], max_new_tokens=cfg["NEW_TOKENS"])
+
+    def caption(path):
+        image = Image.open(path).convert("RGB")
+        inputs = processor(images=image, return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(**inputs, **settings)
+        assert ids.shape[1] == 1 + cfg["NEW_TOKENS"], ids.shape  # [DEC] + the forced tokens
+        return processor.decode(ids[0], skip_special_tokens=True)
+
+    torch.manual_seed(0)
+    caption(paths[0])  # warm-up
+    start = time.perf_counter()
+    captions = [caption(p) for p in paths]
+    elapsed = time.perf_counter() - start
+    return {"images_per_s": len(paths) / elapsed, "timed_s": elapsed, "images": len(paths),
+            "batch_size": 1, "precision": "fp32", "example": captions[0]}
+
+
+def our_captions(cfg: dict, paths: list[Path]) -> dict:
+    """inference.py's path: its loader, then caption_images in batches at its precision."""
+    import torch
+
+    import inference
+
+    model, processor, _ = inference.load_captioner(repo_path(cfg["ADAPTER_DIR"]))
+    settings = dict(do_sample=True, temperature=cfg["TEMPERATURE"], top_p=cfg["TOP_P"], num_beams=1,
+                    min_new_tokens=cfg["NEW_TOKENS"], max_new_tokens=cfg["NEW_TOKENS"])
+    batch = cfg["OURS_BATCH_SIZE"]
+    dtype = inference.set_precision(model, cfg["OURS_PRECISION"], "cpu")
+
+    # Warm-up on one batch, checking that every caption really is NEW_TOKENS tokens long.
+    torch.manual_seed(0)
+    warm = [common.open_image(p) for p in paths[:batch]]
+    pixels = inference.preprocess(processor, warm).to(dtype)
+    ids, _ = inference.generate_ids(model, pixels, **settings)
+    assert ids.shape[1] == 1 + cfg["NEW_TOKENS"], ids.shape
+
+    start = time.perf_counter()
+    images = [common.open_image(p) for p in paths]
+    captions = inference.caption_images(model, processor, images, batch_size=batch, **settings)
+    elapsed = time.perf_counter() - start
+    return {"images_per_s": len(paths) / elapsed, "timed_s": elapsed, "images": len(paths),
+            "batch_size": batch, "precision": str(dtype).replace("torch.", ""), "example": captions[0]}
+
+
+def in_subprocess(cfg: dict, which: str, out: Path) -> dict:
+    result_file = out / f"{which}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), f"--RUN={which}-child", f"--RESULTS_PATH={result_file}"]
+    cmd += [f"--{k}={cfg[k]}" for k in ("MODEL_DIR", "ADAPTER_DIR", "MIRROR_DIR", "NUM_IMAGES", "NEW_TOKENS",
+                                         "TEMPERATURE", "TOP_P", "OURS_BATCH_SIZE", "OURS_PRECISION")]
+    run = run_measured(cmd, out / f"{which}.log")
+    if run["returncode"] != 0:
+        tail = Path(run["log"]).read_text().strip().splitlines()[-1:]
+        raise common.UserError(f"the {which} path failed (exit {run['returncode']}): {tail}")
+    run.pop("log")
+    return {**json.loads(result_file.read_text())[which], **run}
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    cfg = common.configure(globals(), argv, __doc__)
+    common.print_config(cfg, "bench_caption.py")
+    valid = ("both", "baseline", "ours", "baseline-child", "ours-child")
+    if cfg["RUN"] not in valid:
+        raise common.UserError(f"RUN={cfg['RUN']!r}; valid values: {', '.join(valid[:3])}")
+    if cfg["NUM_IMAGES"] < 1 or cfg["OURS_BATCH_SIZE"] < 1 or cfg["NEW_TOKENS"] < 1:
+        raise common.UserError("NUM_IMAGES, OURS_BATCH_SIZE and NEW_TOKENS must be positive")
+    paths = image_paths(repo_path(cfg["MIRROR_DIR"]), cfg["NUM_IMAGES"])
+    results_path = repo_path(cfg["RESULTS_PATH"])
+
+    if cfg["RUN"].endswith("-child"):  # inside a subprocess that in_subprocess started
+        which = cfg["RUN"].removesuffix("-child")
+        result = {which: (tutorial_captions if which == "baseline" else our_captions)(cfg, paths)}
+        common.atomic_write_json(results_path, result)
+        return result
+
+    model_dir = ensure_random_blip(repo_path(cfg["MODEL_DIR"]), repo_path(cfg["PROCESSOR_DIR"]))
+    ensure_adapter(model_dir, repo_path(cfg["ADAPTER_DIR"]))
+    report = {"machine": machine(), "config": cfg}
+    with tempfile.TemporaryDirectory(prefix="bench_caption_") as tmp:
+        for which in ("baseline", "ours"):
+            if cfg["RUN"] in ("both", which):
+                print(f"== {which}: {'one image at a time, fp32' if which == 'baseline' else 'inference.py'} ==",
+                      flush=True)
+                report[which] = in_subprocess(cfg, which, Path(tmp))
+    report["machine"]["load_average_1min_after"] = round(os.getloadavg()[0], 2)
+
+    m = report["machine"]
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, bf16 native: {m['bf16_native']}, "
+          f"load average {m['load_average_1min']} -> {m['load_average_1min_after']}")
+    for which in ("baseline", "ours"):
+        if which in report:
+            r = report[which]
+            print(f"{which:>8}: {r['images_per_s']:.3f} images/s (batch {r['batch_size']}, {r['precision']}, "
+                  f"{cfg['NEW_TOKENS']} tokens each), peak RSS {r['peak_rss_mb']:.0f} MB")
+    if "baseline" in report and "ours" in report:
+        report["speedup"] = report["ours"]["images_per_s"] / report["baseline"]["images_per_s"]
+    common.atomic_write_json(results_path, report)
+    if "speedup" in report:
+        print(f"caption images/s: baseline {report['baseline']['images_per_s']:.3f}, "
+              f"ours {report['ours']['images_per_s']:.3f}, ratio {report['speedup']:.2f}x")
+    return report
+
+
+if __name__ == "__main__":
+    common.cli(main)()

@@ -1,0 +1,300 @@
+"""Training speed: the tutorial's loop vs train_blip.py, same model, data and machine, one run.
+
+    python benchmarks/bench_train.py                      # both paths, about 10 minutes on 2 CPU cores
+    python benchmarks/bench_train.py --RUN=baseline       # only the tutorial's loop
+    python benchmarks/bench_train.py --OURS_ARGS='["--BATCH_SIZE=8"]'   # pass settings to train_blip.py
+
+Model: the full BLIP-base architecture, `BlipConfig()` with random weights (224M parameters: the real
+cost), built once into MODEL_DIR together with the real processor. Data: mirror images served over
+local HTTP to download_coco.py (the real pipeline), so the captions carry the tutorial's mistakes.
+Each path runs in its own subprocess, so its memory is its own: peak RSS is os.wait4's ru_maxrss
+(the largest single process), peak PSS sums the process tree (DataLoader workers included, shared
+pages counted once), sampled every second. The last line is the ratio of samples/s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_REPO))
+
+import common  # noqa: E402
+
+# ---- model and data
+MODEL_DIR = ".cache/blip-random-base"  # built once from BlipConfig() + PROCESSOR_DIR if absent (gitignored)
+PROCESSOR_DIR = "../shared/blip_processor"  # the real BLIP-base processor files
+MIRROR_DIR = "../shared/coco_mirror"  # a COCO-layout folder, served on 127.0.0.1 to download_coco.py
+DATA_DIR = ".cache/bench-train-data"  # where download_coco.py writes the images and captions.json
+NUM_IMAGES = 32  # training images (>= 8); both paths read the same captions.json
+# ---- the tutorial's recipe (both paths)
+LORA_R = 16  # LoRA rank
+LORA_ALPHA = 32  # LoRA scale numerator
+LORA_DROPOUT = 0.05  # dropout on the LoRA input
+LORA_TARGETS = [f"vision_model.encoder.layers.{i}.self_attn.qkv" for i in (6, 7, 8, 9)] + [
+    f"text_decoder.bert.encoder.layer.{i}.attention.self.{p}" for i in (5, 6) for p in ("query", "key", "value")
+]  # the tutorial's target modules
+LR = 3e-5  # AdamW learning rate
+GRAD_ACCUM = 4  # samples per optimizer step in the baseline (batch size 1)
+# ---- baseline timing
+BASELINE_WARMUP = 4  # untimed samples first (a multiple of GRAD_ACCUM)
+BASELINE_SAMPLES = 24  # timed samples (a multiple of GRAD_ACCUM)
+# ---- ours
+OURS_EPOCHS = 3  # train_blip.py epochs; it reports samples/s after the first (prefix cache warm)
+OURS_ARGS = []  # extra --NAME=value settings for train_blip.py, e.g. ["--BATCH_SIZE=8"]
+# ---- run
+RUN = "both"  # both | baseline | ours  (baseline-child: used internally for the baseline subprocess)
+RESULTS_PATH = "benchmarks/results/train.json"  # all figures, machine and commands (gitignored)
+
+
+# ----------------------------------------------------------------------------- setup
+def repo_path(path: str | Path) -> Path:
+    """Relative paths are relative to the repository, wherever the benchmark is started from."""
+    path = Path(path)
+    return path if path.is_absolute() else _REPO / path
+
+
+def ensure_random_blip(model_dir: Path, processor_dir: Path) -> Path:
+    """Save BlipConfig() (BLIP-base shapes, seeded random weights) plus the real processor, once."""
+    if (model_dir / "config.json").exists():
+        return model_dir
+    import torch
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
+
+    if not (processor_dir / "tokenizer_config.json").exists():
+        raise common.UserError(f"no BLIP processor in {processor_dir}; set --PROCESSOR_DIR")
+    print(f"building the random BLIP-base model in {model_dir} (once)")
+    torch.manual_seed(0)
+    tmp = Path(tempfile.mkdtemp(dir=model_dir.parent if model_dir.parent.exists() else None, prefix=".blip-"))
+    BlipForConditionalGeneration(BlipConfig()).save_pretrained(tmp)
+    BlipProcessor.from_pretrained(processor_dir).save_pretrained(tmp)
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, model_dir)  # whole or absent
+    return model_dir
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def download_data(mirror: Path, data_dir: Path, num_images: int) -> Path:
+    """Run download_coco.py against the mirror on a local HTTP server (images already there are kept)."""
+    import download_coco
+
+    if not (mirror / "annotations").is_dir():
+        raise common.UserError(f"no COCO mirror at {mirror}; set --MIRROR_DIR")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(mirror)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        download_coco.main([
+            f"--COCO_BASE_URL=http://127.0.0.1:{server.server_address[1]}", "--SPLIT=val2017",
+            f"--NUM_IMAGES={num_images}", "--NUM_TEST_IMAGES=1", f"--OUTPUT_DIR={data_dir}",
+            f"--SAMPLES_DIR={data_dir}-samples", f"--ANNOTATIONS_DIR={data_dir}-annotations",
+        ])
+    finally:
+        server.shutdown()
+        server.server_close()
+    return data_dir
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "bf16_native": common.cpu_supports_bf16(), "torch": torch.__version__,
+            "load_average_1min": round(os.getloadavg()[0], 2)}
+
+
+# ----------------------------------------------------------------------------- the tutorial's loop
+def tutorial_loop(cfg: dict, model_dir: Path, data_dir: Path) -> dict:
+    """Batch size 1, fp32, the processor called per sample in the loop, LoRA via peft, AdamW with
+    gradient accumulation. Written out plainly, the way the tutorial does it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from PIL import Image
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    torch.manual_seed(0)
+    processor = BlipProcessor.from_pretrained(model_dir)
+    model = BlipForConditionalGeneration.from_pretrained(model_dir)
+    lora = LoraConfig(r=cfg["LORA_R"], lora_alpha=cfg["LORA_ALPHA"], lora_dropout=cfg["LORA_DROPOUT"],
+                      target_modules=list(cfg["LORA_TARGETS"]))
+    model = get_peft_model(model, lora)
+    model.print_trainable_parameters()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["LR"])
+    captions = list(json.loads((data_dir / "captions.json").read_text()).items())
+
+    model.train()
+    n_warm, n_timed, accum = cfg["BASELINE_WARMUP"], cfg["BASELINE_SAMPLES"], cfg["GRAD_ACCUM"]
+    for i in range(n_warm + n_timed):
+        if i == n_warm:
+            start = time.perf_counter()
+        file_name, caption = captions[i % len(captions)]
+        image = Image.open(data_dir / file_name).convert("RGB")
+        inputs = processor(images=image, text=caption, return_tensors="pt")
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        (loss / accum).backward()
+        if (i + 1) % accum == 0:
+            optimizer.step()
+            optimizer.zero_grad()
+        print(f"baseline sample {i + 1}/{n_warm + n_timed} loss {loss.item():.3f}", flush=True)
+    elapsed = time.perf_counter() - start
+    return {"samples_per_s": n_timed / elapsed, "timed_samples": n_timed, "timed_s": elapsed,
+            "batch_size": 1, "precision": "fp32"}
+
+
+# ----------------------------------------------------------------------------- subprocesses
+def tree_pss_mb(pid: int) -> float:
+    """Proportional set size of a process and its children (DataLoader workers): shared pages are
+    split between the processes that map them, so forked workers are not counted twice."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_full_info().pss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
+def run_measured(cmd: list[str], log_path: Path) -> dict:
+    """Run cmd (output to log_path and our stdout); return its exit code, wall time and peak memory."""
+    start = time.perf_counter()
+    peak_pss = [0.0]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=_REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        done = threading.Event()
+
+        def sample():  # once a second: cheap, and memory peaks last many seconds here
+            while not done.wait(1.0):
+                peak_pss[0] = max(peak_pss[0], tree_pss_mb(proc.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        for line in proc.stdout:
+            log.write(line)
+            line = line.rstrip().split("\r")[-1]  # the last state of a progress bar
+            if line and not line.endswith(("it/s]", "s/it]")):  # bars stay in the log file
+                print("  | " + line[:160], flush=True)
+        done.set()
+        sampler.join()
+        # wait4 gives this child's own rusage, so each path's peak RSS is its own.
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"returncode": proc.returncode, "wall_s": time.perf_counter() - start,
+            "peak_rss_mb": usage.ru_maxrss / 1024, "peak_tree_pss_mb": peak_pss[0],
+            "command": " ".join(cmd), "log": str(log_path)}
+
+
+def baseline_in_subprocess(cfg: dict, out: Path) -> dict:
+    result_file = out / "baseline.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--RUN=baseline-child", f"--RESULTS_PATH={result_file}"]
+    for name in ("MODEL_DIR", "DATA_DIR", "BASELINE_WARMUP", "BASELINE_SAMPLES", "LR", "GRAD_ACCUM",
+                 "LORA_R", "LORA_ALPHA", "LORA_DROPOUT"):
+        cmd.append(f"--{name}={cfg[name]}")
+    cmd.append(f"--LORA_TARGETS={json.dumps(list(cfg['LORA_TARGETS']))}")
+    run = run_measured(cmd, out / "baseline.log")
+    if run["returncode"] != 0:
+        raise common.UserError(f"the baseline failed (exit {run['returncode']}); see {run['log']}")
+    return {**json.loads(result_file.read_text())["baseline"], **run}
+
+
+def ours_in_subprocess(cfg: dict, out: Path, model_dir: Path, data_dir: Path) -> dict:
+    """train_blip.py's own code path with its defaults (the tutorial's LoRA and optimiser)."""
+    script = _REPO / "train_blip.py"
+    if not script.exists():
+        raise common.UserError("train_blip.py is not there yet; run with --RUN=baseline")
+    output_dir = out / "train_blip_output"
+    cmd = [sys.executable, str(script), f"--MODEL_ID={model_dir}", f"--DATA_DIR={data_dir}",
+           f"--OUTPUT_DIR={output_dir}", f"--EPOCHS={cfg['OURS_EPOCHS']}", *cfg["OURS_ARGS"]]
+    run = run_measured(cmd, out / "ours.log")
+    if run["returncode"] != 0:
+        raise common.UserError(f"train_blip.py failed (exit {run['returncode']}); see {run['log']}")
+    results = json.loads((output_dir / "train_results.json").read_text())
+    settings = json.loads((output_dir / "training_config.json").read_text())
+    return {"samples_per_s": results["train_samples_per_s"], "own_peak_rss_mb": results.get("peak_rss_mb"),
+            "settings": {k: settings.get(k) for k in ("BATCH_SIZE", "GRAD_ACCUM", "PRECISION", "LR", "LORA_R",
+                                                       "LORA_ALPHA", "LORA_DROPOUT", "LORA_TARGET_MODULES")},
+            "results": results, **run}
+
+
+# ----------------------------------------------------------------------------- main
+def check_config(cfg: dict) -> None:
+    if cfg["RUN"] not in ("both", "baseline", "ours", "baseline-child"):
+        raise common.UserError(f"RUN={cfg['RUN']!r}; valid values: both, baseline, ours")
+    for name in ("BASELINE_WARMUP", "BASELINE_SAMPLES"):
+        if cfg[name] <= 0 or cfg[name] % cfg["GRAD_ACCUM"]:
+            raise common.UserError(f"{name}={cfg[name]} must be a positive multiple of GRAD_ACCUM={cfg['GRAD_ACCUM']}")
+    if cfg["NUM_IMAGES"] < 8:
+        raise common.UserError(f"NUM_IMAGES={cfg['NUM_IMAGES']} is too few to time; use 8 or more")
+
+
+def main(argv=None):
+    cfg = common.configure(globals(), argv, __doc__)
+    common.print_config(cfg, "bench_train.py")
+    check_config(cfg)
+    model_dir, data_dir = repo_path(cfg["MODEL_DIR"]), repo_path(cfg["DATA_DIR"])
+    results_path = repo_path(cfg["RESULTS_PATH"])
+
+    if cfg["RUN"] == "baseline-child":  # inside the subprocess that baseline_in_subprocess starts
+        result = {"baseline": tutorial_loop(cfg, model_dir, data_dir), "machine": machine()}
+        common.atomic_write_json(results_path, result)
+        print(f"baseline: {result['baseline']['samples_per_s']:.3f} samples/s")
+        return result
+
+    ensure_random_blip(model_dir, repo_path(cfg["PROCESSOR_DIR"]))
+    download_data(repo_path(cfg["MIRROR_DIR"]), data_dir, cfg["NUM_IMAGES"])
+    report = {"machine": machine(), "config": cfg}
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        out = Path(tmp)
+        if cfg["RUN"] in ("both", "baseline"):
+            print("== baseline: the tutorial's loop ==", flush=True)
+            report["baseline"] = baseline_in_subprocess(cfg, out)
+        if cfg["RUN"] in ("both", "ours"):
+            print("== ours: train_blip.py ==", flush=True)
+            report["ours"] = ours_in_subprocess(cfg, out, model_dir, data_dir)
+        report["machine"]["load_average_1min_after"] = round(os.getloadavg()[0], 2)
+        for key in ("baseline", "ours"):
+            report.get(key, {}).pop("log", None)  # the temporary folder is gone after this run
+    common.atomic_write_json(results_path, report)
+
+    m = report["machine"]
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, bf16 native: {m['bf16_native']}, "
+          f"load average {m['load_average_1min']} -> {m['load_average_1min_after']}")
+    for key in ("baseline", "ours"):
+        if key in report:
+            r = report[key]
+            print(f"{key:>8}: {r['samples_per_s']:.3f} samples/s, peak RSS {r['peak_rss_mb']:.0f} MB "
+                  f"(largest process), peak PSS {r['peak_tree_pss_mb']:.0f} MB (process tree, sampled 1/s)")
+    if "baseline" in report and "ours" in report:
+        b, o = report["baseline"], report["ours"]
+        report["speedup"] = o["samples_per_s"] / b["samples_per_s"]
+        report["extra_rss_mb"] = o["peak_rss_mb"] - b["peak_rss_mb"]
+        common.atomic_write_json(results_path, report)
+        print(f"peak RSS: ours - baseline = {report['extra_rss_mb']:+.0f} MB (target <= +1024 MB)")
+        print(f"train samples/s: baseline {b['samples_per_s']:.3f}, ours {o['samples_per_s']:.3f}, "
+              f"ratio {report['speedup']:.2f}x")
+    return report
+
+
+if __name__ == "__main__":
+    common.cli(main)()
