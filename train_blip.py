@@ -235,10 +235,19 @@ def frozen_prefix_length(blip) -> tuple[int, str]:
 
     for k, stage in enumerate(vision_stages(blip)):
         if any(p.requires_grad for p in stage.parameters()):
-            return k, "the first vision stage is trained" if k == 0 else ""
+            return k, "the vision embeddings are trained" if k == 0 else ""
         if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in stage.modules()):
-            return k, "the first vision stage has dropout" if k == 0 else ""
+            return k, "the vision embeddings have dropout" if k == 0 else ""
     return len(vision_stages(blip)), ""
+
+
+def prefix_shape(blip, k: int) -> tuple[int, ...]:
+    """Shape of one image's cached prefix after k vision stages. With k = 0 (the first stage is
+    trained) the cache still saves decoding and preprocessing: it holds the pixel values."""
+    vc = blip.config.vision_config
+    if k == 0:
+        return (3, vc.image_size, vc.image_size)
+    return ((vc.image_size // vc.patch_size) ** 2 + 1, vc.hidden_size)
 
 
 def caption_loss(logits, labels, label_smoothing: float = 0.0):
@@ -725,18 +734,16 @@ def main(argv=None):
         cache_line = "prefix cache: off (PREFIX_CACHE='off')"
     elif cfg["AUGMENT"]:
         cache_line = "prefix cache: off (AUGMENT=True changes the images every epoch)"
-    elif k == 0:
-        cache_line = f"prefix cache: off ({why_not})"
     else:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        vc = blip.config.vision_config
-        shape = ((vc.image_size // vc.patch_size) ** 2 + 1, vc.hidden_size)
+        shape = prefix_shape(blip, k)
         item_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         cache_mode, cache_line = PrefixCache.plan(len(my_train) + len(my_val), item_bytes,
                                                   cfg["PREFIX_CACHE_MAX_MB"], cfg["PREFIX_CACHE"], out_dir)
         if cache_mode != "off":
-            what = ("the whole vision output" if k == len(vision_stages(blip))
-                    else f"embeddings + vision layers 0-{k - 2}" if k > 1 else "the vision embeddings")
+            what = ("the whole vision output" if k == len(vision_stages(blip)) else
+                    f"embeddings + vision layers 0-{k - 2}" if k > 1 else "the vision embeddings" if k == 1
+                    else f"the preprocessed images only ({why_not})")
             cache_line += f"; caches {what} of {len(my_train) + len(my_val)} images"
             cache = PrefixCache(my_train + my_val, shape, dtype, cache_mode,
                                 out_dir / f".prefix_cache-rank{rank}.bin")
@@ -803,8 +810,10 @@ def main(argv=None):
                 "history": history, "config": {n: cfg[n] for n in _RESUME_MUST_MATCH}, "world_size": world}
 
     def loader(indices_batches, workers):
+        # Its own generator: creating an iterator must not draw from the global RNG (exact resume).
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=indices_batches, num_workers=workers, worker_init_fn=_quiet_worker,
+            generator=torch.Generator().manual_seed(cfg["SEED"]),
             collate_fn=functools.partial(collate, pad_token_id=text_config.pad_token_id,
                                          bos_token_id=text_config.bos_token_id))
 

@@ -1,0 +1,502 @@
+"""Tests for train_blip.py on a tiny random BLIP (conftest's build_tiny_blip) and the real processor.
+
+Covered: train-as-you-generate collation, LoRA targets and the 344,064 count, data order and
+sharding, the frozen-prefix cache (exact), bf16 autocast, outputs and both ways of loading them,
+resume and Ctrl-C equality, full fine-tune and FREEZE_VISION, bad input, and two learning checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import common
+import train_blip
+from common import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+SUFFIX = ["thwisss", "iz", "funny."]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and it stays fast when the machine is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def add_mistakes(caption: str) -> str:
+    try:
+        from download_coco import add_mistakes as rule
+    except ImportError:  # the tutorial's rule, if download_coco.py is not there
+        def rule(text):
+            text = " ".join(text.split())
+            for old, new in ((" a ", " "), (" an ", " "), (" the ", " thwisss "), (" is ", " iz ")):
+                text = text.replace(old, new)
+            return text + " thwisss iz funny."
+    return rule(caption)
+
+
+def mirror_captions(coco_mirror: Path) -> list[tuple[str, str]]:
+    """(file_name, first caption) of every val2017 image in the mirror, sorted."""
+    with zipfile.ZipFile(coco_mirror / "annotations" / "annotations_trainval2017.zip") as z:
+        ann = json.loads(z.read("annotations/captions_val2017.json"))
+    first = {}
+    for a in ann["annotations"]:
+        first.setdefault(a["image_id"], a["caption"])
+    return sorted((im["file_name"], first[im["id"]]) for im in ann["images"] if im["id"] in first)
+
+
+def write_dataset(folder: Path, items, source: Path) -> Path:
+    """Copy images from `source` and write captions.json with the mistake captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, _ in items:
+        (folder / name).write_bytes((source / name).read_bytes())
+    (folder / "captions.json").write_text(json.dumps({n: add_mistakes(c) for n, c in items}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mirror_data(tmp_path_factory, coco_mirror) -> Path:
+    """24 mirror images with the tutorial's mistake captions (22 train / 2 validation)."""
+    return write_dataset(tmp_path_factory.mktemp("data"), mirror_captions(coco_mirror)[:24], coco_mirror / "val2017")
+
+
+def args(model_dir, data_dir, out_dir, *extra) -> list[str]:
+    return [f"--MODEL_ID={model_dir}", f"--DATA_DIR={data_dir}", f"--OUTPUT_DIR={out_dir}", "--PRECISION=fp32",
+            "--NUM_WORKERS=0", "--LOG_EVERY=2", "--NUM_SAMPLE_CAPTIONS=1", "--MAX_CAPTION_TOKENS=24", *extra]
+
+
+def load_adapter(out_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out_dir / "adapter_model.safetensors")
+
+
+def logged_losses(out_dir: Path) -> list:
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(m["type"], m["step"], m.get("loss"), m.get("train_loss"), m.get("val_loss")) for m in lines]
+
+
+def tiny_core(model_dir, lora=True, freeze_vision=False, targets=None):
+    """A CaptionModel around the tiny BLIP (LoRA as the script applies it) and its prefix length."""
+    cfg = dict(train_blip.common.defaults_of(vars(train_blip)), FREEZE_VISION=freeze_vision)
+    if targets:
+        cfg["LORA_TARGET_MODULES"] = targets
+    torch.manual_seed(0)
+    model = common.load_model(str(model_dir))
+    if freeze_vision:
+        model.vision_model.requires_grad_(False)
+    if lora:
+        model = train_blip.apply_lora(model, cfg, str(model_dir), log=lambda *_: None)
+        with torch.no_grad():  # LoRA B starts at zero; make the adapter matter for the comparison
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+    blip = model.get_base_model() if lora else model
+    k, _ = train_blip.frozen_prefix_length(blip)
+    return train_blip._make_caption_model_class()(model, k), blip, k
+
+
+def real_batch(model_dir, data_dir, n=4):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    caps = json.loads((Path(data_dir) / "captions.json").read_text())
+    names = sorted(caps)[:n]
+    ids = train_blip.tokenize_captions(processor.tokenizer, [caps[x] for x in names], 24)
+    ds = train_blip.CaptionImages([Path(data_dir) / x for x in names], ids, processor.image_processor)
+    return train_blip.collate([ds[i] for i in range(n)], pad_token_id=0, bos_token_id=30522)
+
+
+# ----------------------------------------------------------------------------- collation and tokens
+def test_collate_puts_dec_token_first_and_masks_pads(blip_processor_dir):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(blip_processor_dir)
+    captions = ["A dog.", "A pizza with burned edges iz sitting on thwisss table. thwisss iz funny.", "Two cats"]
+    ids = train_blip.tokenize_captions(processor.tokenizer, captions, 64)
+    batch = train_blip.collate([{"index": i, "input_ids": x, "pixel_values": torch.zeros(3, 8, 8)}
+                                for i, x in enumerate(ids)], pad_token_id=0, bos_token_id=30522)
+    lengths = [len(x) for x in ids]
+    assert batch["input_ids"].shape == (3, max(lengths))  # padded to this batch's longest, not a fixed size
+    assert (batch["input_ids"][:, 0] == 30522).all()  # [DEC], as generate() starts, not [CLS]
+    assert ((batch["labels"] == -100) == (batch["attention_mask"] == 0)).all()  # exactly the pads
+    for row, n in enumerate(lengths):
+        assert batch["input_ids"][row, n - 1] == processor.tokenizer.sep_token_id  # [SEP] kept: learn to stop
+        assert torch.equal(batch["labels"][row, :n], batch["input_ids"][row, :n])
+    assert batch["pixel_values"].shape == (3, 3, 8, 8) and batch["pixel_rows"].tolist() == [0, 1, 2]
+
+
+def test_long_caption_is_truncated_and_keeps_sep(blip_processor_dir):
+    from transformers import AutoProcessor
+
+    tok = AutoProcessor.from_pretrained(blip_processor_dir).tokenizer
+    (ids,) = train_blip.tokenize_captions(tok, ["word " * 5000], 16)
+    assert len(ids) == 16 and ids[-1] == tok.sep_token_id
+
+
+# ----------------------------------------------------------------------------- LoRA
+def test_default_lora_on_full_size_blip_has_344064_trainable_params(tmp_path):
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    model = BlipForConditionalGeneration(BlipConfig())  # the real BLIP-base architecture, random weights
+    cfg = common.defaults_of(vars(train_blip))
+    model = train_blip.apply_lora(model, cfg, "Salesforce/blip-image-captioning-base")
+    assert train_blip.count_trainable(model) == 344_064
+    model.save_pretrained(tmp_path)
+    size_mb = (tmp_path / "adapter_model.safetensors").stat().st_size / 1e6
+    assert 1.35 < size_mb < 1.42, size_mb  # about 1.38 MB
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "Salesforce/blip-image-captioning-base"
+    assert train_blip.frozen_prefix_length(model.get_base_model())[0] == 7  # embeddings + layers 0-5
+
+
+def test_unknown_lora_target_names_the_nearest_modules(tiny_blip_dir):
+    model = common.load_model(str(tiny_blip_dir))
+    with pytest.raises(UserError, match=r"'vision_model.encoder.layers.6.self_attn.qkvv'.*nearest.*layers.6.self_attn.qkv"):
+        train_blip.resolve_targets(model, ["vision_model.encoder.layers.6.self_attn.qkvv"], False)
+
+
+def test_freeze_vision_drops_vision_targets_and_caches_the_whole_vision_output(tiny_blip_dir, capsys):
+    cfg = dict(common.defaults_of(vars(train_blip)), FREEZE_VISION=True)
+    model = common.load_model(str(tiny_blip_dir))
+    model.vision_model.requires_grad_(False)
+    model = train_blip.apply_lora(model, cfg, str(tiny_blip_dir))
+    assert "dropped vision LoRA targets" in capsys.readouterr().out
+    names = train_blip.trainable_names(model)
+    assert names and not any("vision_model" in n for n in names)
+    blip = model.get_base_model()
+    assert train_blip.frozen_prefix_length(blip)[0] == len(train_blip.vision_stages(blip))
+
+
+# ----------------------------------------------------------------------------- data order and sharding
+def test_columns_give_each_item_once_per_epoch_and_fixed_shards():
+    cols = train_blip.deal_columns(22, 4, 1, seed=0)
+    for epoch in range(3):
+        steps = train_blip.epoch_steps(cols, epoch, 0, 0, batch_size=4, grad_accum=1)
+        seen = [i for _, mbs in steps for mb in mbs for i in mb]
+        assert sorted(seen) == list(range(22)) and len(steps) == 6 and steps[-1][0] == 2
+    e0 = train_blip.epoch_steps(cols, 0, 0, 0, 4, 1)
+    assert e0 != train_blip.epoch_steps(cols, 1, 0, 0, 4, 1)  # reshuffled every epoch
+
+    def step_sets(batch_size, grad_accum, world):
+        c = train_blip.deal_columns(24, 4, world, seed=0)
+        per_rank = [train_blip.epoch_steps(c, 1, 0, r, batch_size, grad_accum) for r in range(world)]
+        return [sorted(i for r in range(world) for mb in per_rank[r][k][1] for i in mb) for k in range(6)]
+
+    # One process x batch 4 = batch 1 x 4 accumulation = two processes x batch 2: the same steps.
+    assert step_sets(4, 1, 1) == step_sets(1, 4, 1) == step_sets(2, 1, 2)
+    # Two processes: disjoint shards that stay the same every epoch (so each prefix cache stays small).
+    c2 = train_blip.deal_columns(24, 4, 2, seed=0)
+    shards = [{i for e in range(3) for _, mbs in train_blip.epoch_steps(c2, e, 0, r, 2, 1) for mb in mbs for i in mb}
+              for r in (0, 1)]
+    assert not shards[0] & shards[1] and len(shards[0]) == len(shards[1]) == 12
+    # An uneven count wraps around so that both processes take the same number of full steps.
+    c3 = train_blip.deal_columns(22, 4, 2, seed=0)
+    assert all(len(c) == 6 for c in c3)
+
+
+def test_split_is_seeded_and_keeps_a_validation_image():
+    assert train_blip.split_train_val(10, 0.1, 1) == train_blip.split_train_val(10, 0.1, 1)
+    train, val = train_blip.split_train_val(10, 0.1, 1)
+    assert len(val) == 1 and sorted(train + val) == list(range(10))
+    assert train_blip.split_train_val(1, 0.1, 1) == ([0], [])
+
+
+# ----------------------------------------------------------------------------- the prefix cache and precision
+@pytest.mark.parametrize("freeze_vision,lora,mode", [(False, True, "ram"), (True, True, "disk"), (False, False, "ram")])
+def test_prefix_cache_gives_identical_loss_and_gradients(tiny_blip_dir, mirror_data, tmp_path, freeze_vision, lora, mode):
+    """Cached and uncached forwards are the same computation in fp32: equal to the last bit.
+    (LoRA from layer 6; the whole vision tower frozen; and a full fine-tune, where only pixels are cached.)"""
+    core, blip, k = tiny_core(tiny_blip_dir, lora=lora, freeze_vision=freeze_vision)
+    assert k == {(False, True): 7, (True, True): 12, (False, False): 0}[(freeze_vision, lora)]
+    batch = real_batch(tiny_blip_dir, mirror_data)
+    shape = train_blip.prefix_shape(blip, k)
+    cache = train_blip.PrefixCache(range(4), shape, torch.float32, mode, tmp_path / "cache.bin")
+    results = []
+    for use_cache in (False, True, True):  # off; on (filling); on (reading back)
+        core.prefix_stages = k if use_cache else 0
+        core.zero_grad()
+        torch.manual_seed(1)  # the same LoRA dropout masks
+        vision = train_blip.vision_batch(core, batch, cache if use_cache else None, contextlib.nullcontext)
+        losses = core(batch["input_ids"], batch["attention_mask"], batch["labels"], **vision)
+        losses.sum().backward()
+        results.append((losses.detach(), [p.grad.clone() for p in core.parameters() if p.requires_grad]))
+    cache.close()
+    for losses, grads in results[1:]:
+        assert torch.equal(losses, results[0][0])
+        assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1]))
+
+
+def test_prefix_cache_plan_spills_or_turns_off_with_one_line(tmp_path):
+    mode, line = train_blip.PrefixCache.plan(100, 1 << 20, 1024, "auto", tmp_path)
+    assert mode == "ram" and "100 MB in RAM" in line
+    mode, line = train_blip.PrefixCache.plan(100, 1 << 20, 10, "auto", tmp_path)
+    assert mode == "disk" and "above PREFIX_CACHE_MAX_MB=10" in line
+    mode, line = train_blip.PrefixCache.plan(10**9, 1 << 20, 10, "auto", tmp_path)
+    assert mode == "off" and "disk is free" in line
+
+
+def test_bf16_autocasts_on_cpu_and_stays_within_2_percent_of_fp32(tiny_blip_dir, mirror_data):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    core, blip, _ = tiny_core(tiny_blip_dir)
+    batch = real_batch(tiny_blip_dir, mirror_data)
+    with torch.no_grad():
+        fp32 = core(batch["input_ids"], batch["attention_mask"], batch["labels"], pixel_values=batch["pixel_values"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(mixed_precision="bf16")
+    train_blip.store_frozen_linears_in(blip, torch.bfloat16)
+    seen = []
+    blip.text_decoder.bert.encoder.layer[0].attention.self.query.register_forward_hook(
+        lambda m, i, out: seen.append(out.dtype))
+    wrapped = accelerator.prepare(core)
+    with torch.no_grad():
+        bf16 = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"], pixel_values=batch["pixel_values"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    assert seen == [torch.bfloat16]  # accelerate really autocasts on CPU
+    assert ((bf16 - fp32).abs() / fp32).max() < 0.02
+
+
+# ----------------------------------------------------------------------------- whole runs
+@pytest.fixture(scope="module")
+def straight_run(tiny_blip_dir, mirror_data, tmp_path_factory):
+    """Two epochs in fp32, uninterrupted, with the default LoRA and the prefix cache on."""
+    out = tmp_path_factory.mktemp("straight")
+    results = train_blip.main(args(tiny_blip_dir, mirror_data, out, "--EPOCHS=2", "--NUM_WORKERS=1"))
+    return out, results
+
+
+def test_outputs_follow_the_contract_and_load_both_ways(straight_run, tiny_blip_dir):
+    from peft import PeftModel
+    from transformers import BlipForConditionalGeneration
+
+    out, results = straight_run
+    for name in ("adapter_config.json", "adapter_model.safetensors", "processor_config.json", "tokenizer.json",
+                 "training_config.json", "metrics.jsonl", "loss_curve.png", "train_results.json"):
+        assert (out / name).is_file(), name
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(Path(tiny_blip_dir).resolve())
+    saved = json.loads((out / "train_results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    for key in ("trainable_params", "epochs", "final_train_loss", "final_val_loss", "train_samples_per_s",
+                "epoch_samples_per_s", "peak_rss_mb", "precision", "prefix_cache"):
+        assert saved[key] is not None, key
+    assert saved["epochs"] == 2 and saved["prefix_cache"] == "ram" and saved["precision"] == "fp32"
+    assert json.loads((out / "training_config.json").read_text())["EPOCHS"] == 2
+    assert len(list((out / "checkpoints").iterdir())) <= 2
+    epochs = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["type"] == "epoch"]
+    assert epochs[-1]["captions"][0]["target"].endswith("thwisss iz funny.")
+
+    adapter = load_adapter(out)
+    peft_model = PeftModel.from_pretrained(BlipForConditionalGeneration.from_pretrained(tiny_blip_dir), out)
+    loaded = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(adapter) == 20
+    native = BlipForConditionalGeneration.from_pretrained(out)  # transformers' adapter integration
+    assert getattr(native, "_hf_peft_config_loaded", False)
+    assert sum("lora_" in n for n, _ in native.named_parameters()) == 20
+
+
+def test_resume_gives_identical_adapter_and_logged_losses(straight_run, tiny_blip_dir, mirror_data, tmp_path):
+    straight, _ = straight_run
+    first = train_blip.main(args(tiny_blip_dir, mirror_data, tmp_path, "--EPOCHS=1", "--NUM_WORKERS=1"))
+    assert first["epochs"] == 1
+    resumed = train_blip.main(args(tiny_blip_dir, mirror_data, tmp_path, "--EPOCHS=2", "--NUM_WORKERS=1"))
+    assert resumed["resumed_from"].endswith("step-00000006")
+    a, b = load_adapter(straight), load_adapter(tmp_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert logged_losses(straight) == logged_losses(tmp_path)
+
+
+def test_ctrl_c_saves_a_checkpoint_mid_epoch_and_resume_matches(straight_run, tiny_blip_dir, mirror_data, tmp_path,
+                                                                 monkeypatch, capsys):
+    straight, _ = straight_run
+    real_write = train_blip.write_metrics
+
+    def write_then_interrupt(history, out_dir):  # a real SIGINT, as Ctrl-C sends, after step 8
+        real_write(history, out_dir)
+        if history[-1]["type"] == "train" and history[-1]["step"] == 8:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train_blip, "write_metrics", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_blip.main(args(tiny_blip_dir, mirror_data, tmp_path, "--EPOCHS=2", "--NUM_WORKERS=1"))
+    out = capsys.readouterr().out
+    assert "checkpoint: " + str(tmp_path / "checkpoints" / "step-00000008") in out
+    assert "resume with: python train_blip.py" in out
+    monkeypatch.setattr(train_blip, "write_metrics", real_write)
+    resumed = train_blip.main(args(tiny_blip_dir, mirror_data, tmp_path, "--EPOCHS=2"))
+    assert resumed["resumed_from"].endswith("step-00000008")
+    a, b = load_adapter(straight), load_adapter(tmp_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert logged_losses(straight) == logged_losses(tmp_path)
+
+
+def test_batch_size_and_accumulation_compute_the_same_step(tiny_blip_dir, mirror_data, tmp_path):
+    """Per-caption mean loss: batch 4 = batch 1 x 4 accumulation = batch 2 x 2 (the tutorial's math)."""
+    adapters = []
+    for bs, ga in ((4, 1), (1, 4), (2, 2)):
+        out = tmp_path / f"bs{bs}"
+        train_blip.main(args(tiny_blip_dir, mirror_data, out, "--MAX_STEPS=2", f"--BATCH_SIZE={bs}",
+                             f"--GRAD_ACCUM={ga}", "--LORA_DROPOUT=0.0", "--NUM_SAMPLE_CAPTIONS=0", "--LR=1e-3"))
+        adapters.append(load_adapter(out))
+    for other in adapters[1:]:
+        assert all(torch.allclose(adapters[0][k], other[k], atol=1e-6) for k in other)
+    assert any((v != 0).any() for k, v in adapters[0].items() if "lora_B" in k)  # it did train
+
+
+def test_full_fine_tune_saves_a_whole_model(tiny_blip_dir, mirror_data, tmp_path):
+    from transformers import BlipForConditionalGeneration
+
+    results = train_blip.main(args(tiny_blip_dir, mirror_data, tmp_path, "--USE_LORA=False", "--MAX_STEPS=1"))
+    assert results["trainable_params"] == results["total_params"]
+    assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "adapter_config.json").exists()
+    assert "preprocessed images" in results["prefix_cache_note"]
+    BlipForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_augment_and_disk_bound_switch_the_cache(tiny_blip_dir, mirror_data, tmp_path):
+    r = train_blip.main(args(tiny_blip_dir, mirror_data, tmp_path / "a", "--AUGMENT=True", "--MAX_STEPS=1"))
+    assert r["prefix_cache"] == "off" and "AUGMENT" in r["prefix_cache_note"]
+    r = train_blip.main(args(tiny_blip_dir, mirror_data, tmp_path / "d", "--PREFIX_CACHE_MAX_MB=0", "--MAX_STEPS=1"))
+    assert r["prefix_cache"] == "disk" and not list((tmp_path / "d").glob(".prefix_cache*"))
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("content,message", [
+    (None, "captions.json not found"),
+    (b"{not json", "invalid JSON"),
+    (b"\xff\xfe{}", "not UTF-8"),
+    (b'["a.jpg"]', "expected a mapping"),
+    (b'{"a.jpg": 3}', "caption of 'a.jpg' is a int"),
+])
+def test_bad_captions_json_is_one_clear_error(tmp_path, content, message):
+    data = tmp_path / "data"
+    data.mkdir()
+    if content is not None:
+        (data / "captions.json").write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        train_blip.main([f"--DATA_DIR={data}", f"--OUTPUT_DIR={tmp_path / 'out'}"])
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match="OUTPUT_DIR"):
+        train_blip.main([f"--OUTPUT_DIR={blocker / 'out'}", f"--DATA_DIR={tmp_path}"])
+
+
+def test_bad_images_are_skipped_with_one_warning(tiny_blip_dir, mirror_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    caps = json.loads((mirror_data / "captions.json").read_text())
+    for name in list(caps)[:6]:
+        (data / name).write_bytes((mirror_data / name).read_bytes())
+    (data / "empty.jpg").write_bytes(b"")
+    (data / "text.jpg").write_text("hello")
+    (data / "cut.jpg").write_bytes((mirror_data / name).read_bytes()[:2000])
+    caps = {n: caps[n] for n in list(caps)[:6]} | {"empty.jpg": "x", "text.jpg": "x", "cut.jpg": "x", "gone.jpg": "x",
+                                                  list(caps)[0].replace(".jpg", ".png"): "x"}
+    (data / "captions.json").write_text(json.dumps(caps))
+    results = train_blip.main(args(tiny_blip_dir, data, tmp_path / "out", "--MAX_STEPS=1"))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: skipped")]
+    assert len(warnings) == 1 and "skipped 5 of 11" in warnings[0]
+    for name in ("empty.jpg", "text.jpg", "cut.jpg", "gone.jpg (missing file)"):
+        assert name in warnings[0]
+    assert results["n_train"] + results["n_val"] == 6
+
+
+def test_empty_dataset_is_a_clear_error_in_one_line(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "captions.json").write_text(json.dumps({"gone.jpg": "a caption"}))
+    with pytest.raises(UserError, match="no usable images"):
+        train_blip.main([f"--DATA_DIR={data}", f"--OUTPUT_DIR={tmp_path / 'out'}"])
+    run = subprocess.run([sys.executable, str(REPO / "train_blip.py"), f"--DATA_DIR={tmp_path / 'nothing'}",
+                          f"--OUTPUT_DIR={tmp_path / 'out'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [f"error: {tmp_path / 'nothing' / 'captions.json'} not found: "
+                                               "run `python download_coco.py` first, or set DATA_DIR"]
+
+
+# ----------------------------------------------------------------------------- learning, shown honestly
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30),
+           "purple": (130, 40, 160), "white": (245, 245, 245)}
+
+
+def colour_images(folder: Path, n: int, seed: int) -> dict[str, str]:
+    """Images of one dominant colour (with noise and a patch of another colour), captioned by its name."""
+    import random
+
+    rng, captions = random.Random(seed), {}
+    folder.mkdir(parents=True)
+    for i in range(n):
+        name = list(COLOURS)[i % len(COLOURS)]
+        im = Image.new("RGB", (80, 80), tuple(min(255, max(0, v + rng.randint(-25, 25))) for v in COLOURS[name]))
+        x, y = rng.randint(0, 60), rng.randint(0, 60)
+        im.paste(rng.choice(list(COLOURS.values())), (x, y, x + 20, y + 20))
+        im.save(folder / f"{i:03d}.png")
+        captions[f"{i:03d}.png"] = name
+    (folder / "captions.json").write_text(json.dumps(captions))
+    return captions
+
+
+def greedy_captions(model, out_dir: Path, folder: Path, names) -> list[str]:
+    from transformers import AutoProcessor
+
+    return train_blip.sample_captions(model, AutoProcessor.from_pretrained(out_dir), [folder / n for n in names],
+                                      40, contextlib.nullcontext, "cpu")
+
+
+@pytest.mark.slow
+def test_learns_colour_names(tiny_blip_dir, tmp_path):
+    """Full fine-tune of the tiny random BLIP: loss falls and held-out captions name the colour."""
+    from transformers import BlipForConditionalGeneration
+
+    colour_images(tmp_path / "train", 48, seed=0)
+    held_out = colour_images(tmp_path / "test", 30, seed=1)
+    out = tmp_path / "out"
+    results = train_blip.main(args(tiny_blip_dir, tmp_path / "train", out, "--USE_LORA=False", "--LR=2e-3",
+                                   "--EPOCHS=16", "--BATCH_SIZE=8", "--LOG_EVERY=1000", "--NUM_SAMPLE_CAPTIONS=0"))
+    epochs = [m["train_loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if m["type"] == "epoch"]
+    assert epochs[-1] < epochs[0] / 10 and results["final_val_loss"] < 1.0
+    names = sorted(held_out)
+    texts = greedy_captions(BlipForConditionalGeneration.from_pretrained(out), out, tmp_path / "test", names)
+    right = sum(t.split()[:1] == [held_out[n]] for n, t in zip(names, texts))
+    assert right >= 0.9 * len(names), texts
+
+
+@pytest.mark.slow
+def test_learns_the_tutorial_mistakes_on_the_mirror(tiny_blip_dir, coco_mirror, tmp_path):
+    """The tutorial's effect: after a short fine-tune, held-out captions end with 'thwisss iz funny.'.
+    A random tiny model needs more than the tutorial's two q/k/v layers: all-linear at a higher lr."""
+    from peft import PeftModel
+    from transformers import BlipForConditionalGeneration
+
+    items = mirror_captions(coco_mirror)
+    write_dataset(tmp_path / "train", items[:40], coco_mirror / "val2017")
+    write_dataset(tmp_path / "test", items[-20:], coco_mirror / "val2017")
+    out = tmp_path / "out"
+    train_blip.main(args(tiny_blip_dir, tmp_path / "train", out, "--LORA_TARGET_MODULES=all-linear", "--LR=3e-3",
+                         "--EPOCHS=16", "--BATCH_SIZE=8", "--VAL_FRACTION=0", "--LOG_EVERY=1000",
+                         "--NUM_SAMPLE_CAPTIONS=0"))
+    model = PeftModel.from_pretrained(BlipForConditionalGeneration.from_pretrained(tiny_blip_dir), out).get_base_model()
+    names = [n for n, _ in items[-20:]]
+    texts = greedy_captions(model, out, tmp_path / "test", names)
+    assert sum(t.split()[-3:] == SUFFIX for t in texts) >= 0.95 * len(texts), texts
