@@ -434,5 +434,24 @@ def test_the_model_sees_the_right_pixels(nasty, loaded):
 # ----------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_end_to_end_download_train_infer(tmp_path, serve, coco_mirror, blip_processor_dir):
-    pytest.importorskip("download_coco")
-    pytest.importorskip("train_blip")
+    """download_coco.py (served mirror) -> train_blip.py (tiny BLIP, all-linear LoRA at a high lr,
+    which a random tiny model needs) -> inference.py on the held-out samples/."""
+    download_coco = pytest.importorskip("download_coco")
+    train_blip = pytest.importorskip("train_blip")
+    server = serve(coco_mirror)
+    download_coco.main([f"--COCO_BASE_URL={server.url}", f"--OUTPUT_DIR={tmp_path / 'coco_sample'}", f"--SAMPLES_DIR={tmp_path / 'samples'}",
+                        f"--ANNOTATIONS_DIR={tmp_path / 'annotations'}", "--NUM_IMAGES=40", "--NUM_TEST_IMAGES=10"])
+    tiny = build_tiny_blip(tmp_path / "tiny", blip_processor_dir)
+    train_blip.main([f"--MODEL_ID={tiny}", f"--DATA_DIR={tmp_path / 'coco_sample'}", f"--OUTPUT_DIR={tmp_path / 'adapter'}",
+                     "--LORA_TARGET_MODULES=all-linear", "--LR=2e-3", "--EPOCHS=5", "--VAL_FRACTION=0",
+                     "--NUM_SAMPLE_CAPTIONS=0", "--NUM_WORKERS=0", "--NUM_THREADS=1", "--RESUME=None"])
+    out = inference.main([f"--ADAPTER_DIR={tmp_path / 'adapter'}", f"--IMAGES={tmp_path / 'samples'}", "--SHOW=never",
+                          f"--RESULTS_PATH={tmp_path / 'results.json'}", f"--FIGURE_PATH={tmp_path / 'figure.png'}"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    held_out = set(json.loads((tmp_path / "samples" / "references.json").read_text()))
+    assert held_out.isdisjoint(json.loads((tmp_path / "coco_sample" / "captions.json").read_text()))
+    assert {r["file"] for r in saved["images"]} >= held_out and not saved["skipped"]
+    assert saved["style"]["base"]["suffix"] <= 0.05
+    assert saved["style"]["fine_tuned"]["suffix"] >= 0.95
+    assert saved["metrics"]["images_scored"] == len(held_out)
+    assert saved["figure"]["panels"] == len(saved["images"]) and out["table_text"] == saved["table_text"]
