@@ -208,7 +208,8 @@ def load_captioner(adapter_dir, base_model_id=None):
         info["base"] = base_model_id
     # A processor saved beside the adapter wins (train_blip.py saves it); else the base's own.
     has_processor = any((Path(adapter_dir) / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))
-    processor = common.load_processor(str(adapter_dir) if has_processor else info["base"], "BASE_MODEL_ID")
+    source = str(adapter_dir) if has_processor or info["kind"] == "full" else info["base"]
+    processor = common.load_processor(source, "BASE_MODEL_ID" if source == info["base"] else "ADAPTER_DIR")
     # SDPA hook (issue 5): common.enable_sdpa(model) goes here once it exists.
     return model.eval(), processor, info
 
@@ -323,17 +324,12 @@ def generate_ids(model, pixel_values, compare_base: bool = False, **generate_kwa
     return tuned, base
 
 
-def _decode(processor, ids) -> list[str]:
-    return [" ".join(t.split()) for t in processor.batch_decode(ids, skip_special_tokens=True)]
-
-
-def caption_batches(model, processor, batches, compare_base=False, **generate_kwargs):
-    """For each batch of PIL images, yield (fine-tuned captions, base captions or None)."""
+def caption_batch(model, processor, images, compare_base=False, **generate_kwargs):
+    """One batch of PIL images -> (fine-tuned captions, base captions or None)."""
     param = next(model.parameters())
-    for images in batches:
-        pixels = preprocess(processor, images).to(device=param.device, dtype=param.dtype)
-        tuned, base = generate_ids(model, pixels, compare_base, **generate_kwargs)
-        yield _decode(processor, tuned), (_decode(processor, base) if base is not None else None)
+    pixels = preprocess(processor, images).to(device=param.device, dtype=param.dtype)
+    ids = generate_ids(model, pixels, compare_base, **generate_kwargs)
+    return tuple(None if i is None else [" ".join(t.split()) for t in processor.batch_decode(i, skip_special_tokens=True)] for i in ids)
 
 
 def caption_images(model, processor, images, batch_size=BATCH_SIZE, precision=None, **generate_kwargs) -> list[str]:
@@ -343,8 +339,7 @@ def caption_images(model, processor, images, batch_size=BATCH_SIZE, precision=No
     see set_precision). generate_kwargs go to generate(): num_beams, max_new_tokens, do_sample, ..."""
     if precision is not None:
         set_precision(model, precision, str(next(model.parameters()).device))
-    chunks = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-    return [c for tuned, _ in caption_batches(model, processor, chunks, **generate_kwargs) for c in tuned]
+    return [c for i in range(0, len(images), batch_size) for c in caption_batch(model, processor, images[i : i + batch_size], **generate_kwargs)[0]]
 
 
 def caption_images_with_base(model, processor, images, batch_size=BATCH_SIZE, precision=None, **generate_kwargs):
@@ -352,9 +347,9 @@ def caption_images_with_base(model, processor, images, batch_size=BATCH_SIZE, pr
     base ones with the adapter switched off, sharing the vision layers the adapter leaves alone."""
     if precision is not None:
         set_precision(model, precision, str(next(model.parameters()).device))
-    chunks = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
     tuned, base = [], []
-    for t, b in caption_batches(model, processor, chunks, compare_base=True, **generate_kwargs):
+    for i in range(0, len(images), batch_size):
+        t, b = caption_batch(model, processor, images[i : i + batch_size], compare_base=True, **generate_kwargs)
         tuned += t
         base += b
     return tuned, base
@@ -615,10 +610,9 @@ def main(argv=None):
     for batch in read_batches(paths, cfg["BATCH_SIZE"], skipped, log=tqdm.write):
         names, images = [p for p, _ in batch], [im for _, im in batch]
         if base_model is None:
-            tuned, base = next(caption_batches(model, processor, [images], compare, **generate_kwargs))
+            tuned, base = caption_batch(model, processor, images, compare, **generate_kwargs)
         else:
-            tuned, _ = next(caption_batches(model, processor, [images], **generate_kwargs))
-            base, _ = next(caption_batches(base_model, processor, [images], **generate_kwargs))
+            tuned, base = caption_batch(model, processor, images, **generate_kwargs)[0], caption_batch(base_model, processor, images, **generate_kwargs)[0]
         for i, (path, image) in enumerate(batch):
             entry = {"file": path.name, "path": str(path), "fine_tuned": tuned[i]}
             if base is not None:
