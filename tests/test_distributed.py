@@ -35,14 +35,6 @@ COMMON_ARGS = [
     "--LOG_EVERY=1", "--NUM_SAMPLE_CAPTIONS=0", "--MAX_CAPTION_TOKENS=16", "--NUM_WORKERS=0",
 ]
 
-# Remove this marker once train_blip.main creates its PartialState with cpu=True on machines without
-# CUDA: today `PartialState()` ignores the launcher on CPU (distributed type NO), so under torchrun
-# each rank trains alone as "1 process" and both write the same OUTPUT_DIR (rank 1 then crashes).
-pytestmark = pytest.mark.xfail(
-    reason="train_blip.main: PartialState() without cpu=True gives world size 1 per rank on a CPU-only machine",
-    strict=True)
-
-
 @contextlib.contextmanager
 def one_thread():
     """Each torchrun process runs with OMP_NUM_THREADS=1; the 1-process reference does the same."""
