@@ -94,6 +94,34 @@ _RESUME_MUST_MATCH = ("MODEL_ID", "DATA_DIR", "USE_LORA", "LORA_R", "LORA_ALPHA"
 
 
 # ----------------------------------------------------------------------------- data
+def check_config(cfg: dict) -> None:
+    """Settings that cannot work fail in one line, before any loading."""
+    for name in ("EPOCHS", "BATCH_SIZE", "GRAD_ACCUM", "KEEP_CHECKPOINTS", "LOG_EVERY", "SAVE_EVERY_EPOCHS"):
+        if not isinstance(cfg[name], int) or cfg[name] < 1:
+            raise UserError(f"{name}={cfg[name]!r}: must be a positive integer")
+    if not 0 <= cfg["VAL_FRACTION"] < 1:
+        raise UserError(f"VAL_FRACTION={cfg['VAL_FRACTION']!r}: must be in [0, 1)")
+    if cfg["PREFIX_CACHE"] not in ("auto", "disk", "off"):
+        raise UserError(f"PREFIX_CACHE={cfg['PREFIX_CACHE']!r}; valid values: auto, disk, off")
+
+
+def load_dataset(data_dir, rank: int, world: int, log=print):
+    """captions.json plus the images that decode; each process checks its share, all get the result."""
+    from accelerate.utils import gather_object
+
+    captions = read_captions(data_dir)
+    good, skipped = check_images(data_dir, {n: captions[n] for n in sorted(captions)[rank::world]})
+    if world > 1:
+        good = sorted(gather_object(good), key=lambda g: str(g[0]))
+        skipped = sorted(gather_object(skipped))
+    if skipped:
+        log(skipped_warning(skipped, len(captions)))
+    if not good:
+        raise UserError(f"no usable images in {data_dir} ({len(captions)} captions, all skipped): "
+                        "run `python download_coco.py` or fix DATA_DIR")
+    return good, skipped
+
+
 def read_captions(data_dir) -> dict[str, str]:
     """captions.json as {file_name: caption}, or a UserError that says what is wrong with it."""
     path = Path(data_dir) / "captions.json"
@@ -444,6 +472,28 @@ class PrefixCache:
             Path(self.path).unlink(missing_ok=True)
 
 
+def plan_prefix_cache(cfg, blip, k: int, why_not: str, precision: str, indices, spill_path: Path):
+    """The prefix cache for these dataset indices (this process's train and validation images), or
+    None; plus its mode and the one line that says what it holds, where, or why it is off."""
+    import torch
+
+    if cfg["PREFIX_CACHE"] == "off":
+        return None, "off", "prefix cache: off (PREFIX_CACHE='off')"
+    if cfg["AUGMENT"]:
+        return None, "off", "prefix cache: off (AUGMENT=True changes the images every epoch)"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    shape = prefix_shape(blip, k)
+    item_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    mode, line = PrefixCache.plan(len(indices), item_bytes, cfg["PREFIX_CACHE_MAX_MB"], cfg["PREFIX_CACHE"],
+                                  spill_path.parent)
+    if mode == "off":
+        return None, mode, line
+    what = ("the whole vision output" if k == len(vision_stages(blip)) else
+            f"embeddings + vision layers 0-{k - 2}" if k > 1 else "the vision embeddings" if k == 1
+            else f"the preprocessed images only ({why_not})")
+    return PrefixCache(indices, shape, dtype, mode, spill_path), mode, f"{line}; caches {what} of {len(indices)} images"
+
+
 def _int_view(dtype):
     import torch
 
@@ -464,6 +514,34 @@ def vision_batch(core, batch, cache, autocast):
         with torch.no_grad(), autocast():
             cache.put([index[r] for r in rows], core.vision_prefix(batch["pixel_values"][where]))
     return {"vision_prefix": cache.get(index)}
+
+
+def optimizer_step(accelerator, wrapped, core, optimizer, scheduler, micro_batches, n_global: int, batches,
+                   cache, max_grad_norm) -> tuple[float, int, float | None]:
+    """One optimizer step: GRAD_ACCUM micro-batches under accelerator.accumulate(). The loss is scaled
+    so the gradient is the mean over the step's n_global captions on all processes (accelerate divides
+    by GRAD_ACCUM and DDP averages over processes; the scale undoes both). Returns (sum of the
+    per-caption losses, number of captions, gradient norm before clipping)."""
+    import torch
+
+    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / n_global
+    loss_sum, n, grad_norm = 0.0, 0, None
+    for micro_batch in micro_batches:
+        with accelerator.accumulate(wrapped):
+            if micro_batch:  # empty only in a short last step, and then first: the last one syncs
+                batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+                losses = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                 **vision_batch(core, batch, cache, accelerator.autocast))
+                accelerator.backward(losses.sum() * scale)
+                loss_sum, n = loss_sum + losses.detach().double().sum().item(), n + len(micro_batch)
+            if accelerator.sync_gradients and max_grad_norm is not None:
+                grad_norm = float(accelerator.clip_grad_norm_(
+                    [p for p in core.parameters() if p.requires_grad], max_grad_norm))
+            optimizer.step()  # accelerate's optimizer skips these until the last micro-batch
+            if accelerator.sync_gradients:
+                scheduler.step()
+            optimizer.zero_grad()
+    return loss_sum, n, grad_norm
 
 
 # ----------------------------------------------------------------------------- evaluation and logs
@@ -595,6 +673,26 @@ def find_resume(resume, ckpt_dir: Path) -> Path | None:
     return path
 
 
+def load_checkpoint(accelerator, wrapped, path: Path, cfg: dict, world: int) -> dict:
+    """Restore weights, optimizer, scheduler and RNG states; return the saved trainer state.
+    Refuses a checkpoint made with settings that would change what is being trained."""
+    from safetensors import safe_open
+
+    saved = json.loads((path / "trainer_state.json").read_text())
+    changed = [n for n in _RESUME_MUST_MATCH if saved["config"].get(n) != cfg[n]]
+    if saved.get("world_size") != world:
+        changed.append(f"number of processes ({saved.get('world_size')} -> {world})")
+    if changed:
+        raise UserError(f"checkpoint {path} was made with different settings ({', '.join(map(str, changed))}); "
+                        "use the same settings, or --RESUME=None to start fresh")
+    accelerator.load_state(str(path), strict=False)  # strict=False: the file holds only trainable weights
+    with safe_open(path / "model.safetensors", "pt") as f:
+        missing = trainable_names(wrapped) - set(f.keys())
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {len(missing)} trainable weights, e.g. {sorted(missing)[0]}")
+    return saved
+
+
 def trainable_names(module) -> set[str]:
     return {n for n, p in module.named_parameters() if p.requires_grad}
 
@@ -669,30 +767,13 @@ def main(argv=None):
         hf_logging.set_verbosity_error()
 
     # -- settings, and the output folder, checked before minutes of work
-    for name in ("EPOCHS", "BATCH_SIZE", "GRAD_ACCUM", "KEEP_CHECKPOINTS", "LOG_EVERY"):
-        if not isinstance(cfg[name], int) or cfg[name] < 1:
-            raise UserError(f"{name}={cfg[name]!r}: must be a positive integer")
-    if not 0 <= cfg["VAL_FRACTION"] < 1:
-        raise UserError(f"VAL_FRACTION={cfg['VAL_FRACTION']!r}: must be in [0, 1)")
-    if cfg["PREFIX_CACHE"] not in ("auto", "disk", "off"):
-        raise UserError(f"PREFIX_CACHE={cfg['PREFIX_CACHE']!r}; valid values: auto, disk, off")
+    check_config(cfg)
     precision = common.resolve_precision(cfg["PRECISION"], state.device.type)
     out_dir = common.check_writable(cfg["OUTPUT_DIR"], "OUTPUT_DIR")
     ckpt_dir = out_dir / "checkpoints"
 
     # -- data: captions, then every image decoded once (each process checks its share)
-    captions = read_captions(cfg["DATA_DIR"])
-    names = sorted(captions)
-    mine = {n: captions[n] for n in names[rank::world]}
-    good, skipped = check_images(cfg["DATA_DIR"], mine)
-    if world > 1:
-        good = sorted(gather_object(good), key=lambda g: str(g[0]))
-        skipped = sorted(gather_object(skipped))
-    if skipped:
-        log(skipped_warning(skipped, len(captions)))
-    if not good:
-        raise UserError(f"no usable images in {cfg['DATA_DIR']} ({len(captions)} captions, all skipped): "
-                        "run `python download_coco.py` or fix DATA_DIR")
+    good, skipped = load_dataset(cfg["DATA_DIR"], rank, world, log)
 
     # -- model and processor
     set_seed(cfg["SEED"])
@@ -734,24 +815,8 @@ def main(argv=None):
 
     # -- the frozen-prefix cache: which vision stages, where, or why not
     k, why_not = frozen_prefix_length(blip)
-    cache, cache_mode = None, "off"
-    if cfg["PREFIX_CACHE"] == "off":
-        cache_line = "prefix cache: off (PREFIX_CACHE='off')"
-    elif cfg["AUGMENT"]:
-        cache_line = "prefix cache: off (AUGMENT=True changes the images every epoch)"
-    else:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        shape = prefix_shape(blip, k)
-        item_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        cache_mode, cache_line = PrefixCache.plan(len(my_train) + len(my_val), item_bytes,
-                                                  cfg["PREFIX_CACHE_MAX_MB"], cfg["PREFIX_CACHE"], out_dir)
-        if cache_mode != "off":
-            what = ("the whole vision output" if k == len(vision_stages(blip)) else
-                    f"embeddings + vision layers 0-{k - 2}" if k > 1 else "the vision embeddings" if k == 1
-                    else f"the preprocessed images only ({why_not})")
-            cache_line += f"; caches {what} of {len(my_train) + len(my_val)} images"
-            cache = PrefixCache(my_train + my_val, shape, dtype, cache_mode,
-                                out_dir / f".prefix_cache-rank{rank}.bin")
+    cache, cache_mode, cache_line = plan_prefix_cache(cfg, blip, k, why_not, precision, my_train + my_val,
+                                                      out_dir / f".prefix_cache-rank{rank}.bin")
     log(cache_line)
 
     # -- accelerate: device, precision, accumulation, processes
@@ -761,8 +826,7 @@ def main(argv=None):
     if precision in ("bf16", "fp16") and cfg["USE_LORA"]:
         store_frozen_linears_in(blip, torch.bfloat16 if precision == "bf16" else torch.float16)
     core = core_cls(model, k if cache is not None else 0)
-    params = [p for p in core.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"])
+    optimizer = torch.optim.AdamW([p for p in core.parameters() if p.requires_grad], lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"])
     schedule_name = "constant_with_warmup" if cfg["LR_SCHEDULE"] == "constant" and cfg["WARMUP_STEPS"] else cfg["LR_SCHEDULE"]
     try:
         scheduler = get_scheduler(schedule_name, optimizer, num_warmup_steps=cfg["WARMUP_STEPS"],
@@ -790,20 +854,7 @@ def main(argv=None):
         if is_main:
             shutil.rmtree(ckpt_dir)
     if resume_from is not None:
-        saved = json.loads((resume_from / "trainer_state.json").read_text())
-        changed = [n for n in _RESUME_MUST_MATCH if saved["config"].get(n) != cfg[n]]
-        if saved.get("world_size") != world:
-            changed.append(f"number of processes ({saved.get('world_size')} -> {world})")
-        if changed:
-            raise UserError(f"checkpoint {resume_from} was made with different settings ({', '.join(map(str, changed))}); "
-                            f"use the same settings, or --RESUME=None to start fresh")
-        accelerator.load_state(str(resume_from), strict=False)
-        from safetensors import safe_open
-
-        with safe_open(resume_from / "model.safetensors", "pt") as f:
-            missing = trainable_names(wrapped) - set(f.keys())
-        if missing:
-            raise UserError(f"checkpoint {resume_from} lacks {len(missing)} trainable weights, e.g. {sorted(missing)[0]}")
+        saved = load_checkpoint(accelerator, wrapped, resume_from, cfg, world)
         history, global_step = saved["history"], saved["global_step"]
         start_epoch, start_step, sums = saved["epoch"], saved["next_step"], saved["sums"]
         log(f"resumed from {resume_from}: epoch {start_epoch + 1}, step {global_step}")
@@ -827,7 +878,9 @@ def main(argv=None):
     epoch_rates, epoch_times, stopped, last_ckpt = [], [], False, None
     bar = tqdm(total=total_steps, initial=global_step, disable=not is_main, desc="train", unit="step")
     wrapped.train()
-    with StopRequest(log) as stop:
+    with StopRequest(log) as stop, contextlib.ExitStack() as cleanup:
+        if cache is not None:
+            cleanup.callback(cache.close)  # the disk cache file goes, whatever happens
         for epoch in range(start_epoch, cfg["EPOCHS"]):
             if global_step >= total_steps:
                 break
@@ -839,27 +892,10 @@ def main(argv=None):
             it = iter(loader(batches, cfg["NUM_WORKERS"] if needs_images else 0))
             t0, n_seen, next_step = time.time(), 0, start_step
             for n_global, micro_batches in steps[start_step:]:
-                for mb in micro_batches:
-                    with accelerator.accumulate(wrapped):
-                        if mb:
-                            batch = {k_: v.to(accelerator.device) if torch.is_tensor(v) else v for k_, v in next(it).items()}
-                            losses = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                             **vision_batch(core, batch, cache, accelerator.autocast))
-                            # Mean over the step's captions on all processes (accelerate divides by
-                            # GRAD_ACCUM, DDP averages over processes; this undoes both).
-                            accelerator.backward(losses.sum() * (cfg["GRAD_ACCUM"] * world / n_global))
-                            sums["epoch_loss"] += losses.detach().double().sum().item()
-                            sums["log_loss"] += losses.detach().double().sum().item()
-                            sums["epoch_n"] += len(mb)
-                            sums["log_n"] += len(mb)
-                            n_seen += len(mb)
-                        grad_norm = None
-                        if accelerator.sync_gradients and cfg["MAX_GRAD_NORM"] is not None:
-                            grad_norm = accelerator.clip_grad_norm_(params, cfg["MAX_GRAD_NORM"])
-                        optimizer.step()
-                        if accelerator.sync_gradients:
-                            scheduler.step()
-                        optimizer.zero_grad()
+                loss_sum, n, grad_norm = optimizer_step(accelerator, wrapped, core, optimizer, scheduler,
+                                                        micro_batches, n_global, it, cache, cfg["MAX_GRAD_NORM"])
+                sums["epoch_loss"], sums["log_loss"] = sums["epoch_loss"] + loss_sum, sums["log_loss"] + loss_sum
+                sums["epoch_n"], sums["log_n"], n_seen = sums["epoch_n"] + n, sums["log_n"] + n, n_seen + n
                 global_step, next_step = global_step + 1, next_step + 1
                 bar.update(1)
                 if global_step % cfg["LOG_EVERY"] == 0:
@@ -869,7 +905,7 @@ def main(argv=None):
                     entry = {"type": "train", "epoch": epoch + 1, "step": global_step,
                              "epoch_float": round(epoch + next_step / steps_per_epoch, 4),
                              "loss": loss_sum / max(loss_n, 1), "lr": scheduler.get_last_lr()[0],
-                             "grad_norm": None if grad_norm is None else float(grad_norm),
+                             "grad_norm": grad_norm,
                              "samples_per_s": round(rate, 3), "log_every": cfg["LOG_EVERY"]}
                     history.append(entry)
                     sums["log_loss"], sums["log_n"] = 0.0, 0
@@ -930,8 +966,6 @@ def main(argv=None):
                 last_ckpt = save_checkpoint(accelerator, ckpt_dir, global_step, trainer_state(*position),
                                             cfg["KEEP_CHECKPOINTS"])
     bar.close()
-    if cache is not None:
-        cache.close()
 
     if stopped:
         resume_args = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
