@@ -45,11 +45,11 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def train(args, **kw):
+def train(args):
     import train_blip
 
     with one_thread():
-        return train_blip.main(args, **kw)
+        return train_blip.main(args)
 
 
 def adapter(folder: Path) -> dict:
