@@ -27,6 +27,16 @@ TARGETS = [f"vision_model.encoder.layers.{i}.self_attn.qkv" for i in (6, 7, 8, 9
 N_IMAGES = 4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's ops are too small to split across threads; one thread is as fast and does
+    not crawl when other processes share the cores. Restored afterwards for the other test files."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _mistake(caption: str) -> str:
     """The tutorial's rule (download_coco.add_mistakes is the real one; this keeps the test standalone)."""
     text = " ".join(caption.split())
