@@ -489,41 +489,47 @@ def has_display() -> bool:
     return sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def draw_figure(images, names, tuned, base=None, show=False, width=38):
-    """A grid: each image with its caption(s) as a wrapped title. One image alone is drawn large
-    with its caption as the title, as in the tutorial. Returns the matplotlib Figure."""
+def draw_figure(images, names, tuned, base=None, show=False):
+    """A grid: each image under its wrapped caption(s). One image alone is drawn large with its
+    caption as the title, as in the tutorial. Returns the matplotlib Figure."""
     n = len(images)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    size = (7, 7.5) if n == 1 else (4.2 * cols, 4.8 * rows)
+    width = 60 if n == 1 else 38  # characters per caption line
+
+    def text(caption: str, label: str) -> str:
+        caption = textwrap.shorten(caption, 160, placeholder=" ...")  # the JSON keeps the full text
+        return textwrap.fill(f"{label}{caption}", width)
+
+    titles = []
+    for i in range(n):
+        lines = [text(tuned[i], "fine-tuned: " if base is not None else "")]
+        if base is not None:
+            lines.append(text(base[i], "base: "))
+        titles.append("\n".join(lines if n == 1 else [names[i], *lines]))
+    # Room for the tallest title in each row, so the text never runs into the image above.
+    title_inches = 0.17 * max(t.count("\n") + 1 for t in titles)
+    size = (7, 6 + title_inches) if n == 1 else (4.2 * cols, rows * (3.4 + title_inches))
     if show:
         import matplotlib.pyplot as plt
 
-        fig = plt.figure(figsize=size)
+        fig = plt.figure(figsize=size, layout="constrained")
     else:
         from matplotlib.figure import Figure
 
-        fig = Figure(figsize=size)
+        fig = Figure(figsize=size, layout="constrained")
     for i, image in enumerate(images):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.imshow(image)
         ax.axis("off")
-        w = 60 if n == 1 else width
-        if base is None:
-            title = textwrap.fill(tuned[i], w)
-        else:
-            title = textwrap.fill(f"fine-tuned: {tuned[i]}", w) + "\n" + textwrap.fill(f"base: {base[i]}", w)
-        ax.set_title(title if n == 1 else f"{names[i]}\n{title}", fontsize=12 if n == 1 else 9)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Glyph .* missing")  # odd characters in captions
-        fig.tight_layout()
+        ax.set_title(titles[i], fontsize=12 if n == 1 else 9)
     return fig
 
 
 def save_figure(fig, path) -> None:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Glyph .* missing")
+        warnings.filterwarnings("ignore", message="Glyph .* missing")  # odd characters in captions
         fig.savefig(buffer, format="png", dpi=100)
     common.atomic_write_bytes(path, buffer.getvalue())
 
