@@ -117,3 +117,14 @@ def test_resolve_precision():
         common.resolve_precision("half", "cpu")
     with pytest.raises(UserError, match="needs a CUDA GPU"):
         common.resolve_precision("fp16", "cpu")
+
+
+def test_open_image_reduces_huge_images_keeping_aspect_and_orientation(tmp_path):
+    im = Image.new("RGB", (6000, 3000), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated: 3000 x 6000
+    im.save(tmp_path / "huge.jpg", exif=exif, quality=50)
+    Image.new("L", (5000, 1000), 128).save(tmp_path / "huge.png")
+    assert common.open_image(tmp_path / "huge.jpg").size == (common.MAX_DECODE_SIDE // 2, common.MAX_DECODE_SIDE)
+    out = common.open_image(tmp_path / "huge.png")
+    assert out.size == (common.MAX_DECODE_SIDE, round(common.MAX_DECODE_SIDE / 5)) and out.getpixel((0, 0)) == (128,) * 3
