@@ -547,12 +547,18 @@ def show_figure(fig, log=print) -> None:
 
 
 # ----------------------------------------------------------------------------- export
+def check_merge_target(out_dir) -> Path:
+    """MERGE_TO may be new, empty, or an earlier export (replaced); never some other folder."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
+        raise UserError(f"MERGE_TO={str(out_dir)!r} exists and is not a model folder; choose another")
+    return out
+
+
 def export_merged(adapter_dir, base_model_id, out_dir) -> Path:
     """MERGE_TO: fold the adapter into the base weights (fp32) and save a standalone model plus
     the processor. It then loads with plain BlipForConditionalGeneration.from_pretrained(out_dir)."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise UserError(f"MERGE_TO={str(out_dir)!r} exists and is not a model folder; choose another")
+    out = check_merge_target(out_dir)
     model, processor, info = load_captioner(adapter_dir, base_model_id)
     if info["kind"] != "adapter":
         raise UserError(f"MERGE_TO needs a LoRA adapter, but {adapter_dir} already holds a full model")
@@ -586,6 +592,7 @@ def main(argv=None):
         common.check_writable(Path(cfg[key]).resolve().parent, key)
     if cfg["MERGE_TO"]:
         common.check_writable(Path(cfg["MERGE_TO"]).resolve().parent, "MERGE_TO")
+        check_merge_target(cfg["MERGE_TO"])
         if kind != "adapter":
             raise UserError(f"MERGE_TO needs a LoRA adapter, but {cfg['ADAPTER_DIR']} already holds a full model")
     device = pick_device(cfg["DEVICE"])
@@ -614,7 +621,7 @@ def main(argv=None):
     bar = tqdm(total=len(paths), desc="captioning", unit="img", disable=len(paths) < 2)
     start = time.perf_counter()
     for batch in read_batches(paths, cfg["BATCH_SIZE"], skipped, log=tqdm.write):
-        names, images = [p for p, _ in batch], [im for _, im in batch]
+        images = [im for _, im in batch]
         if base_model is None:
             tuned, base = caption_batch(model, processor, images, compare, **generate_kwargs)
         else:
@@ -661,6 +668,8 @@ def main(argv=None):
 
     # ---- figure and results
     fig_names = [r["file"] for r in results[: len(thumbs)]]
+    if len(thumbs) < len(results):
+        print(f"the figure shows the first {len(thumbs)} of {len(results)} images (FIGURE_MAX_IMAGES)")
     fig = draw_figure(thumbs, fig_names, columns["fine_tuned"], columns.get("base"), show=show != "never" and (show == "always" or has_display()))
     save_figure(fig, cfg["FIGURE_PATH"])
     out = {

@@ -262,6 +262,10 @@ def test_merge_to_gives_the_same_captions(tmp_path, adapter_dir, images):
     captions = inference.caption_images(merged, processor, [common.open_image(p) for p in images], num_beams=1, max_length=16, min_length=5)
     assert captions == [r["fine_tuned"] for r in out["images"]]
     assert out["merged_to"] == str(tmp_path / "merged")
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="MERGE_TO.*not a model folder"):
+        run(tmp_path, f"--ADAPTER_DIR={adapter_dir}", f"--IMAGES={images[0]}", f"--MERGE_TO={tmp_path / 'not_a_model'}")
 
 
 # ----------------------------------------------------------------------------- loading
