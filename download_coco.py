@@ -351,9 +351,13 @@ def clear_outputs(folder: Path) -> None:
 
 
 def write_outputs(folder: Path, names: list[str], captions_by_file: dict[str, list[str]], mistakes: bool,
-                  metadata: bool) -> dict[str, str]:
+                  metadata: bool, copies: dict[str, str] | None = None) -> dict[str, str]:
+    """`copies` maps extra file names to the image they copy (test_image.jpg): they get its references,
+    so inference.py can score the default single image, but no entry in captions.json."""
     captions = {n: training_caption(captions_by_file[n][0], mistakes) for n in names}
-    common.atomic_write_json(folder / "references.json", {n: captions_by_file[n] for n in names})
+    references = {n: captions_by_file[n] for n in names}
+    references.update({alias: captions_by_file[n] for alias, n in (copies or {}).items()})
+    common.atomic_write_json(folder / "references.json", references)
     if metadata:
         lines = "".join(json.dumps({"file_name": n, "text": c}, ensure_ascii=False) + "\n" for n, c in captions.items())
         common.atomic_write_bytes(folder / "metadata.jsonl", lines.encode("utf-8"))
@@ -402,9 +406,10 @@ def main(argv=None):
     train, test = runs
 
     write_outputs(out, train["names"], captions_by_file, cfg["ADD_MISTAKES"], metadata=True)
-    write_outputs(samples, test["names"], captions_by_file, cfg["ADD_MISTAKES"], metadata=False)
-    if test["names"]:
-        common.atomic_write_bytes(samples / "test_image.jpg", (samples / test["names"][0]).read_bytes())
+    copies = {"test_image.jpg": test["names"][0]} if test["names"] else {}
+    for alias, name in copies.items():
+        common.atomic_write_bytes(samples / alias, (samples / name).read_bytes())
+    write_outputs(samples, test["names"], captions_by_file, cfg["ADD_MISTAKES"], metadata=False, copies=copies)
     stale = remove_stale_images(out, set(train["names"])) + remove_stale_images(
         samples, set(test["names"]) | ({"test_image.jpg"} if test["names"] else set()))
 

@@ -151,6 +151,8 @@ def check_contract(mirror: Path, root: Path, n_train: int, n_test: int, mistakes
     assert lines == [{"file_name": n, "text": c} for n, c in captions.items()]
     first_test = next(iter(test_captions))
     assert (samples / "test_image.jpg").read_bytes() == (samples / first_test).read_bytes()
+    assert set(test_references) == set(test_captions) | {"test_image.jpg"}  # the default image can be scored
+    assert test_references["test_image.jpg"] == test_references[first_test]
     assert_all_whole(out)
     assert_all_whole(samples)
     return captions
