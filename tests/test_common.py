@@ -112,7 +112,7 @@ def test_open_image_refuses_decompression_bombs_without_decoding(tmp_path, monke
 
 def test_resolve_precision():
     assert common.resolve_precision("fp32", "cpu") == "fp32"
-    assert common.resolve_precision("auto", "cpu") == ("bf16" if common.cpu_supports_bf16() else "fp32")
+    assert common.resolve_precision("auto", "cpu") == ("bf16" if common.cpu_bf16_is_faster() else "fp32")
     with pytest.raises(UserError, match="valid values"):
         common.resolve_precision("half", "cpu")
     with pytest.raises(UserError, match="needs a CUDA GPU"):
