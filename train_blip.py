@@ -769,6 +769,7 @@ def main(argv=None):
     if cfg["FLUSH_DENORMALS"]:
         # Random (and some real) weights make gradients with denormal floats, which x86 CPUs
         # process ~100x slower; flushing them to zero changes nothing a loss curve can show.
+        # Set before any parallel work, so the CPU threads started later inherit it.
         torch.set_flush_denormal(True)
     # The launcher's world (accelerate launch / torchrun), known before the Accelerator exists. On a
     # machine without GPUs accelerate needs cpu=True to join the launched processes over gloo.
