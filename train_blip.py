@@ -882,7 +882,8 @@ def main(argv=None):
         saved = load_checkpoint(accelerator, wrapped, resume_from, cfg, world)
         history, global_step = saved["history"], saved["global_step"]
         start_epoch, start_step, sums = saved["epoch"], saved["next_step"], saved["sums"]
-        log(f"resumed from {resume_from}: epoch {start_epoch + 1}, step {global_step}")
+        log(f"resumed from {resume_from}: epoch {start_epoch + 1}, step {global_step}" if start_epoch < cfg["EPOCHS"]
+            else f"{resume_from} already finished EPOCHS={cfg['EPOCHS']}; nothing to train (raise EPOCHS to go on)")
     if is_main and history:
         write_metrics(history, out_dir)  # drop lines logged after the checkpoint by the interrupted run
 
