@@ -4,7 +4,8 @@ Run (after `python download_coco.py`):
     python train_blip.py                                    # the tutorial: 60 epochs, LoRA r16, lr 3e-5
     python train_blip.py --EPOCHS=3 --OUTPUT_DIR=/tmp/try   # any UPPER_CASE constant: --NAME=value
     python train_blip.py --MODEL_ID=/path/to/local/blip     # offline: a local copy of the model
-    accelerate launch --num_processes 2 train_blip.py       # several GPUs or processes (torchrun works too)
+    accelerate launch --multi_gpu --num_processes 2 train_blip.py   # several GPUs (see README for nodes)
+    torchrun --nproc_per_node 2 train_blip.py               # several processes, on GPUs or on CPU (gloo)
 
 Ctrl-C saves a checkpoint; running the same command again continues from it (RESUME="auto").
 Outputs in OUTPUT_DIR: the LoRA adapter (peft format) and processor, training_config.json,
