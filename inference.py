@@ -43,6 +43,7 @@ REFERENCES = "auto"  # "auto": references.json beside the images, if present | a
 # ---- captioning
 COMPARE_BASE = True  # also caption with the adapter switched off (the same model, no second copy)
 BATCH_SIZE = 8  # images per generate() call; more is faster until memory runs out
+SDPA = True  # attention on torch's scaled_dot_product_attention (same captions, faster); False = eager
 NUM_BEAMS = 3  # BLIP's COCO evaluation setting; 1 = greedy
 # BLIP's COCO eval uses max_length=20, but that cuts the style we teach: " thwisss iz funny." alone is
 # 8 tokens and every "thwisss" is 4, so 62% of the mirror's mistake captions need more than 20
@@ -178,7 +179,7 @@ def load_base(base_id: str, why: str):
         raise UserError(f"{why} {base_id!r}, which failed to load ({e}); set --BASE_MODEL_ID") from None
 
 
-def load_captioner(adapter_dir, base_model_id=None):
+def load_captioner(adapter_dir, base_model_id=None, sdpa: bool = True):
     """Load (model, processor, info) once, in fp32, in eval mode.
 
     - adapter folder: the base (BASE_MODEL_ID, else the one adapter_config.json names) wrapped by
@@ -210,7 +211,8 @@ def load_captioner(adapter_dir, base_model_id=None):
     has_processor = any((Path(adapter_dir) / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))
     source = str(adapter_dir) if has_processor or info["kind"] == "full" else info["base"]
     processor = common.load_processor(source, "BASE_MODEL_ID" if source == info["base"] else "ADAPTER_DIR")
-    # Hook for SDPA attention (issue 5): common.enable_sdpa(model) is wired in here by the performance work.
+    if sdpa:  # fused attention: the same captions (tested against eager), about 1.6x faster on CPU
+        common.enable_sdpa(model)
     return model.eval(), processor, info
 
 
@@ -559,7 +561,7 @@ def export_merged(adapter_dir, base_model_id, out_dir) -> Path:
     """MERGE_TO: fold the adapter into the base weights (fp32) and save a standalone model plus
     the processor. It then loads with plain BlipForConditionalGeneration.from_pretrained(out_dir)."""
     out = check_merge_target(out_dir)
-    model, processor, info = load_captioner(adapter_dir, base_model_id)
+    model, processor, info = load_captioner(adapter_dir, base_model_id, sdpa=False)
     if info["kind"] != "adapter":
         raise UserError(f"MERGE_TO needs a LoRA adapter, but {adapter_dir} already holds a full model")
     merged = model.merge_and_unload()
@@ -600,7 +602,7 @@ def main(argv=None):
     import torch
     from tqdm import tqdm
 
-    model, processor, info = load_captioner(cfg["ADAPTER_DIR"], cfg["BASE_MODEL_ID"])
+    model, processor, info = load_captioner(cfg["ADAPTER_DIR"], cfg["BASE_MODEL_ID"], cfg["SDPA"])
     base_model = None
     compare = cfg["COMPARE_BASE"]
     if compare and info["kind"] == "full":
