@@ -34,6 +34,7 @@ REPEATS = 3  # timed calls per variant per round (after one untimed call)
 ROUNDS = 2  # interleaved rounds over all variants
 PRECISIONS = ["fp32", "bf16"]  # fp32 | bf16 (autocast)
 PARTS = ["vision", "train"]  # vision: encoder forward, no grad | train: one LoRA train step
+FLUSH_DENORMALS = True  # as train_blip.py: random weights make denormal gradients, ~10x slower in fp32
 
 _VARIANTS = {"eager": None, "sdpa-vision": False, "sdpa-all": True}  # enable_sdpa(text=...)
 _LORA_TARGETS = [f"vision_model.encoder.layers.{i}.self_attn.qkv" for i in (6, 7, 8, 9)] + [
@@ -84,6 +85,7 @@ def main(argv=None):
     common.print_config(cfg, "bench_attention.py")
     import torch
 
+    torch.set_flush_denormal(cfg["FLUSH_DENORMALS"])
     model_dir = ensure_random_blip(repo_path(cfg["MODEL_DIR"]), repo_path(cfg["PROCESSOR_DIR"]))
     n, t = cfg["BATCH_SIZE"], cfg["CAPTION_TOKENS"]
     torch.manual_seed(0)
