@@ -532,7 +532,7 @@ def save_figure(fig, path) -> None:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing")  # odd characters in captions
-        fig.savefig(buffer, format="png", dpi=100)
+        fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight", pad_inches=0.2)  # never clip a title
     common.atomic_write_bytes(path, buffer.getvalue())
 
 
