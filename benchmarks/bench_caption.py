@@ -39,7 +39,6 @@ TOP_P = 0.9  # the tutorial's sampling
 # ---- ours (inference.py)
 OURS_BATCH_SIZE = 8  # images per generate() call
 OURS_PRECISION = "auto"  # auto (bf16 where native and faster) | fp32 | bf16
-OURS_ENABLE_SDPA = False  # True: also call common.enable_sdpa on the loaded model (a no-op once inference.py does)
 # ---- run
 RUN = "both"  # both | baseline | ours  (baseline-child / ours-child: used internally for the subprocesses)
 RESULTS_PATH = "benchmarks/results/caption.json"  # all figures, machine and commands (gitignored)
@@ -106,14 +105,13 @@ def tutorial_captions(cfg: dict, paths: list[Path]) -> dict:
 
 
 def our_captions(cfg: dict, paths: list[Path]) -> dict:
-    """inference.py's path: its loader, then caption_images in batches at its precision."""
+    """inference.py's path: its loader (which switches attention to SDPA), then caption_images in
+    batches at its precision."""
     import torch
 
     import inference
 
     model, processor, _ = inference.load_captioner(repo_path(cfg["ADAPTER_DIR"]))
-    if cfg["OURS_ENABLE_SDPA"]:
-        common.enable_sdpa(model)
     settings = dict(do_sample=True, temperature=cfg["TEMPERATURE"], top_p=cfg["TOP_P"], num_beams=1,
                     min_new_tokens=cfg["NEW_TOKENS"], max_new_tokens=cfg["NEW_TOKENS"])
     batch = cfg["OURS_BATCH_SIZE"]
@@ -138,8 +136,7 @@ def in_subprocess(cfg: dict, which: str, out: Path) -> dict:
     result_file = out / f"{which}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), f"--RUN={which}-child", f"--RESULTS_PATH={result_file}"]
     cmd += [f"--{k}={cfg[k]}" for k in ("MODEL_DIR", "ADAPTER_DIR", "MIRROR_DIR", "NUM_IMAGES", "NEW_TOKENS",
-                                         "TEMPERATURE", "TOP_P", "OURS_BATCH_SIZE", "OURS_PRECISION",
-                                         "OURS_ENABLE_SDPA")]
+                                         "TEMPERATURE", "TOP_P", "OURS_BATCH_SIZE", "OURS_PRECISION")]
     run = run_measured(cmd, out / f"{which}.log")
     if run["returncode"] != 0:
         tail = Path(run["log"]).read_text().strip().splitlines()[-1:]
