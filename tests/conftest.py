@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -135,6 +136,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- threads
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one thread, as the subprocesses do (OMP_NUM_THREADS=1): in-process fp32 results
+    then match theirs bit for bit, and a tiny model is fastest on one thread anyway."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- synthetic COCO mirror

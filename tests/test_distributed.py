@@ -15,7 +15,6 @@ uses) is the way to get N CPU processes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, make_good_images
+from conftest import REPO, free_port, make_good_images, one_thread
 
 N_IMAGES, VAL_FRACTION, SEED = 16, 0.25, 7  # 12 train / 4 validation images
 COMMON_ARGS = [
@@ -34,19 +33,6 @@ COMMON_ARGS = [
     "--LORA_DROPOUT=0.0",  # dropout draws per-process random masks: 1 x 4 and 2 x 2 would differ
     "--LOG_EVERY=1", "--NUM_SAMPLE_CAPTIONS=0", "--MAX_CAPTION_TOKENS=16", "--NUM_WORKERS=0",
 ]
-
-@contextlib.contextmanager
-def one_thread():
-    """Each torchrun process runs with OMP_NUM_THREADS=1; the 1-process reference does the same."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 PROBE = textwrap.dedent(
     r'''

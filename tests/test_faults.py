@@ -8,7 +8,6 @@ Everything runs on the tiny BLIP in fp32 on CPU, where training is exactly repea
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from common import UserError
-from conftest import REPO, make_good_images, make_nasty_captions, make_nasty_images
+from conftest import REPO, make_good_images, make_nasty_captions, make_nasty_images, one_thread
 
 # 16 images: 12 train / 4 validation; batch 2 -> 6 optimizer steps per epoch, 18 in all.
 RUN_ARGS = ["--EPOCHS=3", "--BATCH_SIZE=2", "--VAL_FRACTION=0.25", "--PRECISION=fp32", "--LOG_EVERY=1",
@@ -29,20 +28,6 @@ RUN_ARGS = ["--EPOCHS=3", "--BATCH_SIZE=2", "--VAL_FRACTION=0.25", "--PRECISION=
             "--KEEP_CHECKPOINTS=2"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
            PYTHONUNBUFFERED="1")
-
-
-@contextlib.contextmanager
-def one_thread():
-    """The subprocesses run with OMP_NUM_THREADS=1; in-process runs match them, so fp32 results are
-    bit-identical across the two (and a tiny model is fastest on one thread anyway)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def train(args):
