@@ -146,6 +146,18 @@ def check_writable(folder: str | os.PathLike, constant: str) -> Path:
     return folder
 
 
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Put a finished folder in place of `final` (an older one is removed first): written beside,
+    then one rename, so a crash never leaves a half-written folder under the final name."""
+    import shutil
+
+    final = Path(final)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
 # ----------------------------------------------------------------------------- images
 # Images larger than this many pixels are refused instead of decoded (about 0.3 GB as RGB);
 # Pillow's own DecompressionBombError fires at twice its MAX_IMAGE_PIXELS.
@@ -234,6 +246,20 @@ def cpu_bf16_is_faster(min_speedup: float = 1.3) -> bool:
         return min(times)
 
     return best_time(a, b) / best_time(a.bfloat16(), b.bfloat16()) >= min_speedup
+
+
+def torch_dtype(precision: str):
+    """'fp32' | 'bf16' | 'fp16' -> the torch dtype."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def to_device(batch: dict, device) -> dict:
+    """A batch dict with its tensors moved to `device` (other values as they are)."""
+    import torch
+
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def resolve_precision(precision: str, device_type: str) -> str:

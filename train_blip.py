@@ -11,18 +11,21 @@ Ctrl-C saves a checkpoint; running the same command again continues from it (RES
 Outputs in OUTPUT_DIR: the LoRA adapter (peft format) and processor, training_config.json,
 metrics.jsonl, loss_curve.png, train_results.json and checkpoints/.
 
-How a step works: the collator puts BLIP's [DEC] token at position 0 (as generate() does) and
-masks pads out of the labels. The loss is each caption's mean token loss, averaged over the
-captions of an optimizer step, so BATCH_SIZE=4 computes the same gradient as the tutorial's
-batch 1 x 4 accumulation steps. Vision layers in front of the first trainable one are frozen
-and deterministic, so their output is computed once per image and reused every epoch.
+How a step works: the model family (families.py) builds each batch; for BLIP the [DEC] token
+goes to position 0 (as generate() does) and pads are masked out of the labels. The loss is each
+caption's mean token loss, averaged over the captions of an optimizer step, so BATCH_SIZE=4
+computes the same gradient as the tutorial's batch 1 x 4 accumulation steps. Vision layers in
+front of the first trainable one are frozen and deterministic, so their output is computed once
+per image and reused every epoch (the prefix cache).
+
+The file reads in the order it runs: constants, checks, data, model, one training step, the
+loop, checkpoints, outputs, main().
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
-import functools
 import hashlib
 import io
 import json
@@ -35,18 +38,26 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import common
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from tqdm.auto import tqdm
 
-UserError = common.UserError
+import common
+import families
+from common import UserError
 
 # ---- model and data
 MODEL_ID = "Salesforce/blip-image-captioning-base"  # hub id or local folder (model + processor)
 DATA_DIR = "coco_sample"  # folder with captions.json ({file_name: caption}) and the images
 OUTPUT_DIR = "blip_coco_finetuned"  # adapter, processor, logs, plots and checkpoints go here
 VAL_FRACTION = 0.1  # share of images held out for validation (seeded); 0 = none
-MAX_CAPTION_TOKENS = 64  # longer captions are cut; the cut caption keeps its [SEP]
+MAX_CAPTION_TOKENS = 64  # longer captions are cut; the cut caption keeps its end token
 AUGMENT = False  # True: a random 80-100% crop of each image every epoch (turns the prefix cache off)
 
 # ---- LoRA
@@ -54,10 +65,7 @@ USE_LORA = True  # False: full fine-tune of every parameter (saves a whole model
 LORA_R = 16  # rank of the LoRA update
 LORA_ALPHA = 32  # LoRA scaling numerator (scale = alpha / r)
 LORA_DROPOUT = 0.05  # dropout on the LoRA branch input
-LORA_TARGET_MODULES = [  # full module names (the tutorial's), or "all-linear"
-    *[f"vision_model.encoder.layers.{i}.self_attn.qkv" for i in (6, 7, 8, 9)],
-    *[f"text_decoder.bert.encoder.layer.{i}.attention.self.{p}" for i in (5, 6) for p in ("query", "key", "value")],
-]
+LORA_TARGET_MODULES = "auto"  # auto: the family's default (BLIP: the tutorial's) | a list of module names | "all-linear"
 FREEZE_VISION = False  # True: freeze the whole vision encoder and drop vision LoRA targets
 
 # ---- optimisation (defaults = the tutorial: AdamW, lr 3e-5, effective batch 4, 60 epochs, constant lr)
@@ -91,11 +99,13 @@ NUM_SAMPLE_CAPTIONS = 3  # validation images captioned (greedy) after every epoc
 
 # Settings that must match for a checkpoint to be continued (others, like EPOCHS, may change).
 _RESUME_MUST_MATCH = ("MODEL_ID", "DATA_DIR", "USE_LORA", "LORA_R", "LORA_ALPHA", "LORA_DROPOUT",
-                     "FREEZE_VISION", "BATCH_SIZE", "GRAD_ACCUM", "SEED", "VAL_FRACTION",
-                     "MAX_CAPTION_TOKENS", "AUGMENT")
+                      "FREEZE_VISION", "BATCH_SIZE", "GRAD_ACCUM", "SEED", "VAL_FRACTION",
+                      "MAX_CAPTION_TOKENS", "AUGMENT")
+# The file that marks OUTPUT_DIR as this script's: written first, so a folder without it is not ours.
+_MARKER = "training_config.json"
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- checks
 def check_config(cfg: dict) -> None:
     """Settings that cannot work fail in one line, before any loading."""
     for name in ("EPOCHS", "BATCH_SIZE", "GRAD_ACCUM", "KEEP_CHECKPOINTS", "LOG_EVERY", "SAVE_EVERY_EPOCHS"):
@@ -103,26 +113,73 @@ def check_config(cfg: dict) -> None:
             raise UserError(f"{name}={cfg[name]!r}: must be a positive integer")
     if not 0 <= cfg["VAL_FRACTION"] < 1:
         raise UserError(f"VAL_FRACTION={cfg['VAL_FRACTION']!r}: must be in [0, 1)")
+    if not (math.isfinite(cfg["LR"]) and cfg["LR"] > 0):
+        raise UserError(f"LR={cfg['LR']!r}: must be a positive, finite number (the tutorial's is 3e-5)")
     if cfg["PREFIX_CACHE"] not in ("auto", "disk", "off"):
         raise UserError(f"PREFIX_CACHE={cfg['PREFIX_CACHE']!r}; valid values: auto, disk, off")
 
 
+def claim_output_dir(out_dir: Path, model_id: str, data_dir: str) -> None:
+    """Write only into a folder that is empty or already ours (it has the marker), never into the
+    model's or the data's folder: a run must not clobber anything it did not write."""
+    for other, name in ((model_id, "MODEL_ID"), (data_dir, "DATA_DIR")):
+        if Path(other).exists() and overlaps(out_dir, Path(other)):
+            raise UserError(f"OUTPUT_DIR={str(out_dir)!r} overlaps {name}={other!r}; choose another OUTPUT_DIR")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / _MARKER).is_file():
+        raise UserError(f"OUTPUT_DIR={str(out_dir)!r} holds files that train_blip.py did not write "
+                        f"(no {_MARKER}); choose an empty or new folder")
+
+
+def overlaps(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+class OutputLock:
+    """An exclusive lock on OUTPUT_DIR for the run, so two runs never write the same files."""
+
+    def __init__(self, out_dir: Path):
+        self.path, self.fd = out_dir / ".lock", None
+
+    def acquire(self) -> str | None:
+        """None when locked, else who holds it."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; nothing to hold
+            return None
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 100, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            self.fd = None
+            return holder
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"train_blip.py pid {os.getpid()}".encode(), 0)
+        return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None
+
+
+# ----------------------------------------------------------------------------- data
 def load_dataset(data_dir, rank: int, world: int, log=print):
     """captions.json plus the images that decode; each process checks its share, all get the result."""
-    from accelerate.utils import gather_object
-
     captions = read_captions(data_dir)
-    good, skipped = check_images(data_dir, {n: captions[n] for n in sorted(captions)[rank::world]},
-                                 progress=rank == 0)
+    items, skipped = check_images(data_dir, {n: captions[n] for n in sorted(captions)[rank::world]},
+                                  progress=rank == 0)
     if world > 1:
-        good = sorted(gather_object(good))
+        items = sorted(gather_object(items))
         skipped = sorted(gather_object(skipped))
     if skipped:
         log(skipped_warning(skipped, len(captions)))
-    if not good:
+    if not items:
         raise UserError(f"no usable images in {data_dir} ({len(captions)} captions, all skipped): "
                         "run `python download_coco.py` or fix DATA_DIR")
-    return good, skipped
+    return items, skipped
 
 
 def read_captions(data_dir) -> dict[str, str]:
@@ -136,21 +193,30 @@ def read_captions(data_dir) -> dict[str, str]:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: invalid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a {{file_name: caption}} mapping") from None
     if not isinstance(captions, dict):
         raise UserError(f"{path}: expected a mapping {{file_name: caption}}, got a JSON {type(captions).__name__}")
     for name, caption in captions.items():
         if not isinstance(caption, str):
             raise UserError(f"{path}: the caption of {name!r} is a {type(caption).__name__}, not a string")
+        if not is_plain_name(name):
+            raise UserError(f"{path}: {name!r} is not a plain file name in DATA_DIR (no folders, no '..')")
     return captions
+
+
+def is_plain_name(name: str) -> bool:
+    """A file name with no folder part: what download_coco.py writes (000000xxxxxx.jpg)."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 def check_images(data_dir, captions: dict[str, str], threads: int = 4, progress: bool = False):
     """Decode every image once, up front, so bad files are reported together before training.
     Nothing is kept: training reads the images from disk again when it needs them.
 
-    Returns (good [(path, caption)], skipped [(file_name, reason)]); both sorted by file name.
+    Returns (items [(path, caption)], skipped [(file_name, reason)]); both sorted by file name.
     """
-    from tqdm.auto import tqdm
+    folder = Path(data_dir).resolve()
 
     def problem(name):
         if not captions[name].strip():
@@ -158,22 +224,25 @@ def check_images(data_dir, captions: dict[str, str], threads: int = 4, progress:
         path = Path(data_dir) / name
         if not path.is_file():
             return "missing file"
+        if path.resolve().parent != folder:  # a symlink that leads out of DATA_DIR
+            return "a link to a file outside DATA_DIR"
         try:
             common.open_image(path)
         except UserError as e:
             return str(e).split(": ", 1)[-1]
         return None
 
-    names, problems = sorted(captions), []
+    names = sorted(captions)
+    problems = []
     bar = tqdm(total=len(names), desc="check images", unit="img", disable=not progress or len(names) < 1000)
     with ThreadPoolExecutor(max(1, threads)) as pool:  # decoding releases the GIL
         for start in range(0, len(names), 1024):  # in chunks: no million pending futures
-            problems += pool.map(problem, names[start:start + 1024])
-            bar.update(len(names[start:start + 1024]))
+            problems += pool.map(problem, names[start : start + 1024])
+            bar.update(len(names[start : start + 1024]))
     bar.close()
-    good = [(str(Path(data_dir) / n), captions[n]) for n, p in zip(names, problems) if p is None]
+    items = [(str(Path(data_dir) / n), captions[n]) for n, p in zip(names, problems) if p is None]
     skipped = [(n, p) for n, p in zip(names, problems) if p is not None]
-    return good, skipped
+    return items, skipped
 
 
 def skipped_warning(skipped, total: int, limit: int = 20) -> str:
@@ -190,23 +259,13 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[list[int], 
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def tokenize_captions(tokenizer, captions: list[str], max_tokens: int) -> list:
-    """Token ids once per caption, as small int32 arrays (a Python list of ints costs ~10x more per
-    caption with 100k captions). Truncation happens before [SEP] is added, so [SEP] survives."""
-    import numpy as np
-
-    ids = []
-    for start in range(0, len(captions), 4096):
-        ids += [np.asarray(x, dtype=np.int32) for x in
-                tokenizer(captions[start:start + 4096], truncation=True, max_length=max_tokens).input_ids]
-    return ids
-
-
 def random_crop(image, rng: random.Random, min_area: float = 0.8):
     """The AUGMENT transform: a crop of 80-100% of the area at a random place (captions stay true)."""
     scale = math.sqrt(rng.uniform(min_area, 1.0))
-    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
-    x, y = rng.randint(0, image.width - w), rng.randint(0, image.height - h)
+    w = max(1, round(image.width * scale))
+    h = max(1, round(image.height * scale))
+    x = rng.randint(0, image.width - w)
+    y = rng.randint(0, image.height - h)
     return image.crop((x, y, x + w, y + h))
 
 
@@ -217,9 +276,13 @@ class CaptionImages:
     `skip_images` (their vision prefix is cached) come without pixels: no decoding at all.
     """
 
-    def __init__(self, paths, token_ids, image_processor, augment=False, seed=0):
-        self.paths, self.token_ids, self.image_processor = paths, token_ids, image_processor
-        self.augment, self.seed, self.epoch = augment, seed, 0
+    def __init__(self, paths, token_ids, family, augment=False, seed=0):
+        self.paths = paths
+        self.token_ids = token_ids
+        self.family = family
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
         self.skip_images = frozenset()
 
     def __len__(self):
@@ -229,179 +292,13 @@ class CaptionImages:
         image = common.open_image(self.paths[i])
         if self.augment:
             image = random_crop(image, random.Random(f"{self.seed}-{self.epoch}-{i}"))
-        return self.image_processor(images=image, return_tensors="pt").pixel_values[0]
+        return self.family.pixel_values([image])[0]
 
     def __getitem__(self, i):
         pixel_values = None if i in self.skip_images else self.pixels(i)
         return {"index": i, "input_ids": self.token_ids[i], "pixel_values": pixel_values}
 
 
-# ----------------------------------------------------------------------------- BLIP-specific pieces
-def collate(examples, pad_token_id: int, bos_token_id: int) -> dict:
-    """Batch with per-batch padding. BLIP generates after a [DEC] token (bos_token_id), not [CLS],
-    so position 0 becomes [DEC]; labels are the input ids with every pad set to -100."""
-    import torch
-
-    width = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        input_ids[row, : len(e["input_ids"])] = torch.as_tensor(e["input_ids"])
-        attention_mask[row, : len(e["input_ids"])] = 1
-    input_ids[:, 0] = bos_token_id
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    with_pixels = [row for row, e in enumerate(examples) if e.get("pixel_values") is not None]
-    return {
-        "index": torch.tensor([e["index"] for e in examples]),
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        # Only items whose vision prefix is not cached carry pixels; `pixel_rows` says which.
-        "pixel_rows": torch.tensor(with_pixels, dtype=torch.long),
-        "pixel_values": torch.stack([examples[r]["pixel_values"] for r in with_pixels]) if with_pixels else None,
-    }
-
-
-def default_lora_targets() -> list[str]:
-    """The tutorial's targets: q/k/v of vision layers 6-9 and of text layers 5-6."""
-    return list(LORA_TARGET_MODULES)
-
-
-def vision_stages(blip) -> list:
-    """BLIP's vision tower as a list of callables: embeddings, each encoder layer, final layer norm.
-    Running them in order is exactly `blip.vision_model(pixel_values).last_hidden_state`."""
-    vision = blip.vision_model
-    return [vision.embeddings, *vision.encoder.layers, vision.post_layernorm]
-
-
-def frozen_prefix_length(blip) -> tuple[int, str]:
-    """How many leading vision stages are frozen and deterministic (no trainable parameter, no active
-    dropout), so their output is a pure function of the image. Returns (k, reason if k == 0)."""
-    import torch
-
-    for k, stage in enumerate(vision_stages(blip)):
-        if any(p.requires_grad for p in stage.parameters()):
-            return k, "the vision embeddings are trained" if k == 0 else ""
-        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in stage.modules()):
-            return k, "the vision embeddings have dropout" if k == 0 else ""
-    return len(vision_stages(blip)), ""
-
-
-def prefix_shape(blip, k: int) -> tuple[int, ...]:
-    """Shape of one image's cached prefix after k vision stages. With k = 0 (the first stage is
-    trained) the cache still saves decoding and preprocessing: it holds the pixel values."""
-    vc = blip.config.vision_config
-    if k == 0:
-        return (3, vc.image_size, vc.image_size)
-    return ((vc.image_size // vc.patch_size) ** 2 + 1, vc.hidden_size)
-
-
-def caption_loss(logits, labels, label_smoothing: float = 0.0):
-    """Next-token cross-entropy, averaged over each caption's own tokens: one loss per caption."""
-    import torch.nn.functional as F
-
-    targets = labels[:, 1:]
-    token_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100,
-                                 reduction="none", label_smoothing=label_smoothing)
-    return token_loss.sum(1) / (targets != -100).sum(1).clamp(min=1)
-
-
-def _make_caption_model_class():
-    import torch
-
-    class CaptionModel(torch.nn.Module):
-        """BLIP's captioning forward, split after `prefix_stages` vision stages so that a cached
-        prefix can be fed in. Returns one loss per caption. (Accelerate wraps this module.)"""
-
-        def __init__(self, model, prefix_stages: int):
-            super().__init__()
-            self.model, self.prefix_stages = model, prefix_stages
-
-        def blip(self):
-            return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-
-        def vision_prefix(self, pixel_values):
-            h = pixel_values
-            for stage in vision_stages(self.blip())[: self.prefix_stages]:
-                h = stage(h)
-            return h
-
-        def forward(self, input_ids, attention_mask, labels, pixel_values=None, vision_prefix=None):
-            blip = self.blip()
-            stages = vision_stages(blip)
-            h = pixel_values if vision_prefix is None else vision_prefix
-            for stage in stages if vision_prefix is None else stages[self.prefix_stages:]:
-                h = stage(h)
-            logits = blip.text_decoder(input_ids=input_ids, attention_mask=attention_mask,
-                                       encoder_hidden_states=h, use_cache=False).logits
-            return caption_loss(logits, labels, blip.config.text_config.label_smoothing)
-
-    return CaptionModel
-
-
-# ----------------------------------------------------------------------------- LoRA
-def resolve_targets(model, targets, freeze_vision: bool):
-    """Check every target names a module (else name the nearest real ones) and drop vision targets
-    when FREEZE_VISION. Returns (targets for LoraConfig, exclude regex or None, dropped names)."""
-    targets = list(targets) if isinstance(targets, (list, tuple)) else [targets]
-    if targets == ["all-linear"]:
-        if freeze_vision:
-            return "all-linear", r".*vision_model\..*", ["every vision_model linear layer"]
-        return "all-linear", None, []
-    names = [n for n, _ in model.named_modules() if n]
-    for t in targets:
-        if not any(n == t or n.endswith("." + t) for n in names):
-            near = difflib.get_close_matches(t, names, n=3, cutoff=0.3)
-            raise UserError(f"LORA_TARGET_MODULES: {t!r} matches no module of the model; "
-                            f"nearest real names: {', '.join(near) or '(none)'}")
-    dropped = [t for t in targets if freeze_vision and t.startswith("vision_model")]
-    kept = [t for t in targets if t not in dropped]
-    if not kept:
-        raise UserError("FREEZE_VISION=True dropped every LoRA target: add text targets to LORA_TARGET_MODULES")
-    return kept, None, dropped
-
-
-def apply_lora(model, cfg, base_ref: str, log=print):
-    """LoraConfig -> get_peft_model -> print_trainable_parameters(), the idiom peft users know."""
-    from peft import LoraConfig, get_peft_model
-
-    targets, exclude, dropped = resolve_targets(model, cfg["LORA_TARGET_MODULES"], cfg["FREEZE_VISION"])
-    if dropped:
-        log(f"FREEZE_VISION=True: vision encoder frozen; dropped vision LoRA targets: {', '.join(dropped)}")
-    lora_config = LoraConfig(r=cfg["LORA_R"], lora_alpha=cfg["LORA_ALPHA"], lora_dropout=cfg["LORA_DROPOUT"],
-                             target_modules=targets, exclude_modules=exclude, bias="none")
-    try:
-        model = get_peft_model(model, lora_config)
-    except ValueError as e:
-        raise UserError(f"LORA_TARGET_MODULES: {e}") from None
-    model.peft_config["default"].base_model_name_or_path = base_ref  # what inference loads as the base
-    return model
-
-
-def count_trainable(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def store_frozen_linears_in(model, dtype) -> int:
-    """Keep frozen nn.Linear weights in the autocast dtype. Autocast rounds them to that dtype on every
-    use anyway, so results are identical; this only saves the per-step cast and half their memory.
-    Weights shared with another module (BLIP ties the LM head to the word embeddings) are left alone."""
-    import torch
-
-    seen, shared = set(), set()
-    for _, p in model.named_parameters(remove_duplicate=False):
-        (shared if id(p) in seen else seen).add(id(p))
-    converted = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and id(module.weight) not in shared:
-            for p in (module.weight, module.bias):
-                if p is not None and not p.requires_grad:
-                    p.data = p.data.to(dtype)
-                    converted += p.numel()
-    return converted
-
-
-# ----------------------------------------------------------------------------- data order and sharding
 def deal_columns(n_items: int, effective_batch: int, world_size: int, seed: int) -> list[list[int]]:
     """Deal the training items, once, into `effective_batch` columns (item i lands in column i % E
     of a seeded shuffle). Each epoch shuffles every column on its own, and optimizer step k takes the
@@ -420,10 +317,10 @@ def epoch_steps(columns, epoch: int, seed: int, rank: int, batch_size: int, grad
     grad_accum lists of item positions (empty ones, only in a short last step, come first)."""
     cols = [random.Random(f"{seed}-{epoch}-{c}").sample(col, len(col)) for c, col in enumerate(columns)]
     per_rank = batch_size * grad_accum
-    mine = cols[rank * per_rank:(rank + 1) * per_rank]
+    mine = cols[rank * per_rank : (rank + 1) * per_rank]
     steps = []
     for k in range(max(len(c) for c in cols)):
-        micro = [[c[k] for c in mine[j * batch_size:(j + 1) * batch_size] if k < len(c)] for j in range(grad_accum)]
+        micro = [[c[k] for c in mine[j * batch_size : (j + 1) * batch_size] if k < len(c)] for j in range(grad_accum)]
         steps.append((sum(k < len(c) for c in cols), sorted(micro, key=len)))
     return steps
 
@@ -437,10 +334,11 @@ class PrefixCache:
     """
 
     def __init__(self, indices, shape, dtype, mode: str, path: Path | None = None):
-        import torch
-
         self.slot = {i: s for s, i in enumerate(sorted(set(indices)))}
-        self.shape, self.dtype, self.mode, self.path = tuple(shape), dtype, mode, path
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self.mode = mode
+        self.path = path
         self.item_bytes = math.prod(self.shape) * torch.empty((), dtype=dtype).element_size()
         self.filled = set()
         if mode == "ram":
@@ -475,8 +373,6 @@ class PrefixCache:
             self.filled.add(i)
 
     def get(self, indices):
-        import torch
-
         if self.mode == "ram":
             return self.store[torch.tensor([self.slot[i] for i in indices])]
         rows = [torch.frombuffer(bytearray(os.pread(self.fd, self.item_bytes, self.slot[i] * self.item_bytes)),
@@ -489,109 +385,574 @@ class PrefixCache:
             Path(self.path).unlink(missing_ok=True)
 
 
-def plan_prefix_cache(cfg, blip, k: int, why_not: str, precision: str, indices, spill_path: Path):
+def _int_view(dtype):
+    return {2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.empty((), dtype=dtype).element_size()]
+
+
+def plan_prefix_cache(cfg, family, base, prefix_stages: int, why_not: str, precision: str, indices,
+                      spill_path: Path):
     """The prefix cache for these dataset indices (this process's train and validation images), or
     None; plus its mode and the one line that says what it holds, where, or why it is off."""
-    import torch
-
     if cfg["PREFIX_CACHE"] == "off":
         return None, "off", "prefix cache: off (PREFIX_CACHE='off')"
     if cfg["AUGMENT"]:
         return None, "off", "prefix cache: off (AUGMENT=True changes the images every epoch)"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    shape = prefix_shape(blip, k)
+    stages = family.vision_stages(base)
+    if stages is None:
+        return None, "off", f"prefix cache: off (no vision-stage hook for the {family.name} family)"
+    dtype = common.torch_dtype(precision)
+    shape = family.prefix_shape(base, prefix_stages)
     item_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     mode, line = PrefixCache.plan(len(indices), item_bytes, cfg["PREFIX_CACHE_MAX_MB"], cfg["PREFIX_CACHE"],
                                   spill_path.parent)
     if mode == "off":
         return None, mode, line
-    what = ("the whole vision output" if k == len(vision_stages(blip)) else
+    k = prefix_stages
+    what = ("the whole vision output" if k == len(stages) else
             f"embeddings + vision layers 0-{k - 2}" if k > 1 else "the vision embeddings" if k == 1
             else f"the preprocessed images only ({why_not})")
     return PrefixCache(indices, shape, dtype, mode, spill_path), mode, f"{line}; caches {what} of {len(indices)} images"
 
 
-def _int_view(dtype):
-    import torch
+# ----------------------------------------------------------------------------- model
+def build_model(cfg, run):
+    """The family's model with LoRA (or fully trainable), FREEZE_VISION applied, attention on SDPA."""
+    set_seed(cfg["SEED"])  # LoRA's initial weights come from it
+    family = families.load(cfg["MODEL_ID"])
+    model = family.load_model(cfg["MODEL_ID"])
+    n_params = sum(p.numel() for p in model.parameters())
+    run.log(f"model: {family.name}, {n_params / 1e6:.1f}M parameters, "
+            f"{n_params * model.dtype.itemsize / 2**30:.2f} GB of weights as loaded ({str(model.dtype)[6:]})")
+    if cfg["FREEZE_VISION"]:
+        for name in family.vision_modules:
+            model.get_submodule(name).requires_grad_(False)
+    if cfg["USE_LORA"]:
+        model = apply_lora(model, family, cfg, base_ref(cfg["MODEL_ID"]), run.log)
+        if run.is_main:
+            model.print_trainable_parameters()
+    else:
+        run.log(f"full fine-tune: {count_trainable(model):,} trainable parameters")
+    if cfg["SDPA"]:
+        family.enable_sdpa(model)
+    return family, model
 
-    return {2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.empty((), dtype=dtype).element_size()]
+
+def base_ref(model_id: str) -> str:
+    """What inference should load as the base: an absolute path for a local folder, else the hub id."""
+    return str(Path(model_id).resolve()) if Path(model_id).is_dir() else model_id
 
 
-def vision_batch(core, batch, cache, autocast):
+def resolve_targets(model, family, targets, freeze_vision: bool):
+    """Check every target names a module (else name the nearest real ones) and drop vision targets
+    when FREEZE_VISION. Returns (targets for LoraConfig, exclude regex or None, dropped names)."""
+    if targets == "auto":
+        targets = family.lora_targets
+    targets = list(targets) if isinstance(targets, (list, tuple)) else [targets]
+    vision = family.vision_modules
+    if targets == ["all-linear"]:
+        if freeze_vision and vision:
+            exclude = "|".join(rf".*{name}\..*" for name in vision)
+            return "all-linear", exclude, [f"every {' / '.join(vision)} linear layer"]
+        return "all-linear", None, []
+    names = [n for n, _ in model.named_modules() if n]
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in names):
+            near = difflib.get_close_matches(t, names, n=3, cutoff=0.3)
+            raise UserError(f"LORA_TARGET_MODULES: {t!r} matches no module of the model; "
+                            f"nearest real names: {', '.join(near) or '(none)'}")
+    dropped = [t for t in targets if freeze_vision and any(t == v or t.startswith(v + ".") for v in vision)]
+    kept = [t for t in targets if t not in dropped]
+    if not kept:
+        raise UserError("FREEZE_VISION=True dropped every LoRA target: add text targets to LORA_TARGET_MODULES")
+    return kept, None, dropped
+
+
+def apply_lora(model, family, cfg, base_id: str, log=print):
+    """LoraConfig -> get_peft_model -> print_trainable_parameters(), the idiom peft users know."""
+    from peft import LoraConfig, get_peft_model
+
+    targets, exclude, dropped = resolve_targets(model, family, cfg["LORA_TARGET_MODULES"], cfg["FREEZE_VISION"])
+    if dropped:
+        log(f"FREEZE_VISION=True: vision encoder frozen; dropped vision LoRA targets: {', '.join(dropped)}")
+    lora_config = LoraConfig(r=cfg["LORA_R"], lora_alpha=cfg["LORA_ALPHA"], lora_dropout=cfg["LORA_DROPOUT"],
+                             target_modules=targets, exclude_modules=exclude, bias="none")
+    try:
+        model = get_peft_model(model, lora_config)
+    except ValueError as e:
+        raise UserError(f"LORA_TARGET_MODULES: {e}") from None
+    model.peft_config["default"].base_model_name_or_path = base_id  # what inference loads as the base
+    return model
+
+
+def count_trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def trainable_names(module) -> set[str]:
+    return {n for n, p in module.named_parameters() if p.requires_grad}
+
+
+def cast_frozen_linears(model, dtype) -> int:
+    """Keep frozen nn.Linear weights in the autocast dtype. Autocast rounds them to that dtype on every
+    use anyway, so results are identical; this only saves the per-step cast and half their memory.
+    Weights shared with another module (BLIP ties the LM head to the word embeddings) are left alone."""
+    seen = set()
+    shared = set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        (shared if id(p) in seen else seen).add(id(p))
+    converted = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and id(module.weight) not in shared:
+            for p in (module.weight, module.bias):
+                if p is not None and not p.requires_grad:
+                    p.data = p.data.to(dtype)
+                    converted += p.numel()
+    return converted
+
+
+def frozen_prefix_length(stages) -> tuple[int, str]:
+    """How many leading vision stages are frozen and deterministic (no trainable parameter, no active
+    dropout), so their output is a pure function of the image. Returns (k, reason if k == 0)."""
+    for k, stage in enumerate(stages):
+        if any(p.requires_grad for p in stage.parameters()):
+            return k, "the vision embeddings are trained" if k == 0 else ""
+        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in stage.modules()):
+            return k, "the vision embeddings have dropout" if k == 0 else ""
+    return len(stages), ""
+
+
+# ----------------------------------------------------------------------------- one training step
+def caption_loss(logits, labels, label_smoothing: float = 0.0):
+    """Next-token cross-entropy, averaged over each caption's own tokens: one loss per caption."""
+    targets = labels[:, 1:]
+    token_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100,
+                                 reduction="none", label_smoothing=label_smoothing)
+    return token_loss.sum(1) / (targets != -100).sum(1).clamp(min=1)
+
+
+class CaptionModel(torch.nn.Module):
+    """The family's captioning forward, split after `prefix_stages` vision stages so that a cached
+    prefix can be fed in. Returns one loss per caption. (Accelerate wraps this module.)"""
+
+    def __init__(self, model, family, prefix_stages: int):
+        super().__init__()
+        self.model = model
+        self.family = family
+        self.prefix_stages = prefix_stages
+
+    def stages(self):
+        return self.family.vision_stages(families.base_model(self.model))
+
+    def vision_prefix(self, pixel_values):
+        return families.run_stages(self.stages()[: self.prefix_stages], pixel_values)
+
+    def forward(self, batch, vision_prefix=None):
+        base = families.base_model(self.model)
+        stages = self.stages()
+        if stages is None:  # a family without the hook: its plain forward
+            logits = self.family.logits(base, batch)
+        else:
+            image_embeds = (families.run_stages(stages, batch["pixel_values"]) if vision_prefix is None
+                            else families.run_stages(stages[self.prefix_stages :], vision_prefix))
+            logits = self.family.logits(base, batch, image_embeds)
+        smoothing = getattr(base.config.get_text_config(), "label_smoothing", 0.0)
+        return caption_loss(logits, batch["labels"], smoothing)
+
+
+def vision_inputs(caption_model, batch, cache, autocast):
     """Keyword arguments for the vision side of a forward: pixels when there is no cache, else the
     cached prefix, computing (without gradients) the prefix of items seen for the first time."""
-    import torch
-
     if cache is None:
-        return {"pixel_values": batch["pixel_values"]}
+        return {}
     index = batch["index"].tolist()
-    rows = [r for r in batch["pixel_rows"].tolist() if not cache.has(index[r])]
+    pixel_rows = batch["pixel_rows"].tolist()
+    rows = [r for r in pixel_rows if not cache.has(index[r])]
     if rows:
-        where = [batch["pixel_rows"].tolist().index(r) for r in rows]
+        where = [pixel_rows.index(r) for r in rows]
         with torch.no_grad(), autocast():
-            cache.put([index[r] for r in rows], core.vision_prefix(batch["pixel_values"][where]))
-    return {"vision_prefix": cache.get(index)}
+            cache.put([index[r] for r in rows], caption_model.vision_prefix(batch["pixel_values"][where]))
+    return {"vision_prefix": cache.get(index).to(batch["input_ids"].device)}
 
 
-def optimizer_step(accelerator, wrapped, core, optimizer, scheduler, micro_batches, n_global: int, batches,
-                   cache, max_grad_norm) -> tuple[float, int, float | None]:
+def optimizer_step(training, micro_batches, n_global: int, batches, cache, max_grad_norm):
     """One optimizer step: GRAD_ACCUM micro-batches under accelerator.accumulate(). The loss is scaled
     so the gradient is the mean over the step's n_global captions on all processes (accelerate divides
     by GRAD_ACCUM and DDP averages over processes; the scale undoes both). Returns (sum of the
     per-caption losses, number of captions, gradient norm before clipping)."""
-    import torch
-
+    accelerator = training.accelerator
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / n_global
-    loss_sum, n, grad_norm = 0.0, 0, None
+    loss_sum = 0.0
+    n = 0
+    grad_norm = None
     for micro_batch in micro_batches:
-        with accelerator.accumulate(wrapped):
+        with accelerator.accumulate(training.prepared_model):
             if micro_batch:  # empty only in a short last step, and then first: the last one syncs
-                batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
-                losses = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                 **vision_batch(core, batch, cache, accelerator.autocast))
+                batch = common.to_device(next(batches), accelerator.device)
+                losses = training.prepared_model(
+                    batch, **vision_inputs(training.caption_model, batch, cache, accelerator.autocast))
                 accelerator.backward(losses.sum() * scale)
-                loss_sum, n = loss_sum + losses.detach().double().sum().item(), n + len(micro_batch)
+                loss_sum += losses.detach().double().sum().item()
+                n += len(micro_batch)
             if accelerator.sync_gradients and max_grad_norm is not None:
-                grad_norm = float(accelerator.clip_grad_norm_(
-                    [p for p in core.parameters() if p.requires_grad], max_grad_norm))
-            optimizer.step()  # accelerate's optimizer skips these until the last micro-batch
+                grad_norm = float(accelerator.clip_grad_norm_(training.parameters, max_grad_norm))
+            training.optimizer.step()  # accelerate's optimizer skips these until the last micro-batch
             if accelerator.sync_gradients:
-                scheduler.step()
-            optimizer.zero_grad()
+                training.scheduler.step()
+            training.optimizer.zero_grad()
     return loss_sum, n, grad_norm
 
 
-# ----------------------------------------------------------------------------- evaluation and logs
-def evaluate(core, loader, cache, autocast, device) -> tuple[float, int]:
-    """Sum and count of per-caption validation losses over this process's validation items."""
-    import torch
+# ----------------------------------------------------------------------------- the loop
+@dataclass
+class Run:
+    """Facts about this process and run, fixed once set up."""
 
-    total, count = 0.0, 0
-    core.eval()
+    is_main: bool
+    rank: int
+    world: int
+    on_cpu: bool
+    precision: str
+    out_dir: Path
+    started: float
+    last_checkpoint: Path | None = None
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def log(self, msg="") -> None:
+        if self.is_main:
+            tqdm.write(str(msg))
+
+
+@dataclass
+class Data:
+    """The planned data: items, split, this process's shard and steps, and the prefix cache."""
+
+    items: list
+    skipped: list
+    max_tokens: int
+    dataset: CaptionImages
+    train_ids: list
+    val_ids: list
+    columns: list
+    my_val: list
+    steps_per_epoch: int
+    total_steps: int
+    cache: PrefixCache | None
+    cache_mode: str
+    cache_line: str
+    prefix_stages: int
+
+
+@dataclass
+class Training:
+    """What one optimizer step needs: the model (plain and as accelerate prepared it), optimizer, schedule."""
+
+    accelerator: Accelerator
+    caption_model: CaptionModel
+    prepared_model: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    parameters: list
+
+
+@dataclass
+class LoopState:
+    """Everything the loop changes as it runs; a checkpoint saves exactly this (plus the tensors)."""
+
+    epoch: int = 0  # the epoch in progress, from 0
+    next_step: int = 0  # its next optimizer step
+    global_step: int = 0  # optimizer steps done in all
+    epoch_loss: float = 0.0  # sum of per-caption losses in this epoch (this process)
+    epoch_n: int = 0  # captions in that sum
+    log_loss: float = 0.0  # the same since the last log line
+    log_n: int = 0
+    history: list = field(default_factory=list)  # the rows of metrics.jsonl
+
+
+def make_loader(data: Data, family, batches, workers: int, seed: int):
+    # Its own generator: creating an iterator must not draw from the global RNG (exact resume).
+    return torch.utils.data.DataLoader(data.dataset, batch_sampler=batches, num_workers=workers,
+                                       worker_init_fn=_quiet_worker, collate_fn=family.collate,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+def _quiet_worker(_):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
+
+
+def train_epoch(cfg, run, family, data, training, state, stop, bar) -> tuple[str, int, float]:
+    """This process's optimizer steps of state.epoch, from state.next_step on. Returns how it ended
+    ('done' | 'max_steps' | 'stopped'), the captions it trained on and the seconds it took."""
+    accelerator = training.accelerator
+    steps = epoch_steps(data.columns, state.epoch, cfg["SEED"], run.rank, cfg["BATCH_SIZE"], cfg["GRAD_ACCUM"])
+    data.dataset.epoch = state.epoch
+    data.dataset.skip_images = frozenset(data.cache.filled) if data.cache is not None else frozenset()
+    batches = [[data.train_ids[i] for i in mb] for _, mbs in steps[state.next_step :] for mb in mbs if mb]
+    needs_images = any(i not in data.dataset.skip_images for b in batches for i in b)
+    loader = iter(make_loader(data, family, batches, cfg["NUM_WORKERS"] if needs_images else 0, cfg["SEED"]))
+    started = time.time()
+    seen = 0
+    for n_global, micro_batches in steps[state.next_step :]:
+        loss_sum, n, grad_norm = optimizer_step(training, micro_batches, n_global, loader, data.cache,
+                                                cfg["MAX_GRAD_NORM"])
+        check_finite(accelerator, loss_sum, state.global_step + 1)
+        state.epoch_loss += loss_sum
+        state.epoch_n += n
+        state.log_loss += loss_sum
+        state.log_n += n
+        state.global_step += 1
+        state.next_step += 1
+        seen += n
+        bar.update(1)
+        if state.global_step % cfg["LOG_EVERY"] == 0:
+            log_step(cfg, run, data, training, state, grad_norm, seen * run.world / max(time.time() - started, 1e-9))
+        if stop.requested:
+            accelerator.set_trigger()
+        if accelerator.check_trigger():
+            return "stopped", seen, time.time() - started
+        if state.global_step >= data.total_steps:
+            break
+        if cfg["SAVE_EVERY_STEPS"] and state.global_step % cfg["SAVE_EVERY_STEPS"] == 0 and state.next_step < len(steps):
+            save_checkpoint(accelerator, run, state, cfg)
+    ended = "done" if state.next_step >= len(steps) else "max_steps"
+    return ended, seen, time.time() - started
+
+
+def check_finite(accelerator, loss_sum: float, step: int) -> None:
+    """Stop at the first NaN or inf loss, on every process at once, before it reaches a checkpoint."""
+    bad = torch.tensor(float(not math.isfinite(loss_sum)))
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad.to(accelerator.device), "sum").cpu()
+    if bad.item():
+        raise UserError(f"the loss became {loss_sum} at optimizer step {step}: training diverged. Lower LR, "
+                        "or use PRECISION='fp32'; the last checkpoint and any earlier outputs are untouched")
+
+
+def log_step(cfg, run, data, training, state, grad_norm, rate: float) -> None:
+    """Every LOG_EVERY steps: the mean loss since the last line (over all processes) into metrics.jsonl."""
+    sums = torch.tensor([state.log_loss, state.log_n], dtype=torch.float64)
+    loss_sum, loss_n = training.accelerator.reduce(sums, "sum").tolist()
+    entry = {"type": "train", "epoch": state.epoch + 1, "step": state.global_step,
+             "epoch_float": round(state.epoch + state.next_step / data.steps_per_epoch, 4),
+             "loss": loss_sum / max(loss_n, 1), "lr": training.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+             "samples_per_s": round(rate, 3), "log_every": cfg["LOG_EVERY"]}
+    state.history.append(entry)
+    state.log_loss = 0.0
+    state.log_n = 0
+    run.log(f"epoch {state.epoch + 1} step {state.global_step}: loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  "
+            f"{rate:.2f} samples/s")
+    if run.is_main:
+        write_metrics(state.history, run.out_dir)
+
+
+def end_epoch(cfg, run, family, data, training, state, ended: str, seen: int, seconds: float) -> dict:
+    """Validation loss, sample captions, the epoch's metrics row and plot, then a checkpoint."""
+    accelerator = training.accelerator
+    size = cfg["BATCH_SIZE"]
+    val_batches = [data.my_val[i : i + size] for i in range(0, len(data.my_val), size)]
+    data.dataset.skip_images = frozenset(data.cache.filled) if data.cache is not None else frozenset()
+    val_sum, val_n = evaluate(training.caption_model, make_loader(data, family, val_batches, 0, cfg["SEED"]),
+                              data.cache, accelerator)
+    sums = torch.tensor([state.epoch_loss, state.epoch_n, val_sum, val_n], dtype=torch.float64)
+    totals = accelerator.reduce(sums, "sum").tolist()
+    rate = seen * run.world / max(seconds, 1e-9) if seen else None
+    entry = {"type": "epoch", "epoch": state.epoch + 1, "step": state.global_step,
+             "train_loss": totals[0] / max(totals[1], 1), "val_loss": totals[2] / totals[3] if totals[3] else None,
+             "samples_per_s": round(rate, 3) if rate else None, "train_time_s": round(seconds, 2)}
+    if run.is_main:
+        sample = (data.val_ids or data.train_ids)[: cfg["NUM_SAMPLE_CAPTIONS"]]
+        paths = [data.dataset.paths[i] for i in sample]
+        texts = sample_captions(family, training.caption_model.model, paths, data.max_tokens, accelerator.autocast,
+                                accelerator.device)
+        entry["captions"] = [{"file": Path(p).name, "target": data.items[i][1], "generated": t}
+                             for i, p, t in zip(sample, paths, texts)]
+    state.history.append(entry)
+    state.epoch_loss = 0.0
+    state.epoch_n = 0
+    val_text = "-" if entry["val_loss"] is None else f"{entry['val_loss']:.4f}"
+    run.log(f"epoch {state.epoch + 1}/{cfg['EPOCHS']}: train loss {entry['train_loss']:.4f}  val loss {val_text}  "
+            f"{entry['samples_per_s'] or 0:.2f} samples/s  {seconds:.1f} s")
+    for c in entry.get("captions", []):
+        run.log(f"  {c['file']}\n    target: {c['target']}\n    model:  {c['generated']}")
+    if run.is_main:
+        write_metrics(state.history, run.out_dir)
+    last = state.epoch + 1 == cfg["EPOCHS"] or state.global_step >= data.total_steps
+    if ended == "done":  # a MAX_STEPS stop mid-epoch is saved as mid-epoch, so a later run finishes it
+        state.epoch += 1
+        state.next_step = 0
+    if last or state.epoch % cfg["SAVE_EVERY_EPOCHS"] == 0:
+        save_checkpoint(accelerator, run, state, cfg)
+    return entry
+
+
+def evaluate(caption_model, loader, cache, accelerator) -> tuple[float, int]:
+    """Sum and count of per-caption validation losses over this process's validation items."""
+    total = 0.0
+    count = 0
+    caption_model.eval()
     with torch.no_grad():
         for batch in loader:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with autocast():
-                losses = core(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                              **vision_batch(core, batch, cache, autocast))
-            total, count = total + losses.double().sum().item(), count + len(losses)
-    core.train()
+            batch = common.to_device(batch, accelerator.device)
+            with accelerator.autocast():
+                losses = caption_model(batch, **vision_inputs(caption_model, batch, cache, accelerator.autocast))
+            total += losses.double().sum().item()
+            count += len(losses)
+    caption_model.train()
     return total, count
 
 
-def sample_captions(blip, processor, paths, max_tokens: int, autocast, device) -> list[str]:
+def sample_captions(family, model, paths, max_tokens: int, autocast=contextlib.nullcontext, device="cpu") -> list[str]:
     """Greedy captions, the way inference will produce them."""
-    import torch
-
     if not paths:
         return []
-    pixels = processor(images=[common.open_image(p) for p in paths], return_tensors="pt").pixel_values.to(device)
-    was_training = blip.training
-    blip.eval()
+    pixels = family.pixel_values([common.open_image(p) for p in paths]).to(device)
+    base = families.base_model(model)
+    was_training = base.training
+    base.eval()
     with torch.no_grad(), autocast():
-        ids = blip.generate(pixel_values=pixels, max_new_tokens=max_tokens, num_beams=1, do_sample=False)
-    blip.train(was_training)
-    return [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+        ids = family.generate(base, pixels, max_new_tokens=max_tokens, num_beams=1, do_sample=False)
+    base.train(was_training)
+    return family.decode(ids)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Whole checkpoints, oldest first (temporary folders start with '.' and are never listed)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.glob("step-*") if (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def save_checkpoint(accelerator, run, state: LoopState, cfg: dict) -> Path:
+    """accelerator.save_state into a temporary folder, then one rename: a checkpoint is whole or
+    absent. A failed write removes the temporary folder and leaves older checkpoints as they were."""
+    ckpt_dir = run.ckpt_dir
+    final = ckpt_dir / f"step-{state.global_step:08d}"
+    tmp = ckpt_dir / f".tmp-step-{state.global_step:08d}"
+    trainer_state = {**asdict(state), "config": {n: cfg[n] for n in _RESUME_MUST_MATCH}, "world_size": run.world}
+    error = None
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))  # model (trainable part, see the pre-hook), optimizer, scheduler, RNG
+        if accelerator.is_main_process:
+            common.atomic_write_json(tmp / "trainer_state.json", trainer_state)
+    except OSError as e:
+        error = e
+    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item()
+    if failed:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(ckpt_dir)
+        why = error.strerror or error if error else "another process failed"
+        intact = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint"
+        raise UserError(f"could not write checkpoint {final} ({why}); {intact}. Free disk space or change OUTPUT_DIR")
+    if accelerator.is_main_process:
+        common.replace_dir(tmp, final)
+        for old in list_checkpoints(ckpt_dir)[: -cfg["KEEP_CHECKPOINTS"]]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    run.last_checkpoint = final
+    return final
+
+
+def keep_trainable(models, weights, _dir) -> None:
+    """save_state pre-hook: checkpoints hold only the trainable parameters, not the frozen model."""
+    for m, w in zip(models, weights):
+        names = trainable_names(m)
+        for key in [key for key in w if key not in names]:
+            del w[key]
+
+
+def checkpoint_problem(path: Path, cfg: dict, run, trainable: set[str]) -> str | None:
+    """None if every piece of the checkpoint is there and readable for this run, else what is wrong.
+    A problem with the settings is a UserError: another checkpoint would not fix it."""
+    from safetensors import safe_open
+
+    try:
+        saved = json.loads((path / "trainer_state.json").read_text())
+        LoopState(**{k: saved[k] for k in asdict(LoopState())})
+        saved_config = saved["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"trainer_state.json is unreadable ({type(e).__name__}: {e})"
+    changed = [n for n in _RESUME_MUST_MATCH if saved_config.get(n) != cfg[n]]
+    if saved.get("world_size") != run.world:
+        changed.append(f"number of processes ({saved.get('world_size')} -> {run.world})")
+    if changed:
+        raise UserError(f"checkpoint {path} was made with different settings ({', '.join(map(str, changed))}); "
+                        "use the same settings, or --RESUME=None to start fresh")
+    try:
+        with safe_open(path / "model.safetensors", "pt") as f:
+            missing = trainable - set(f.keys())
+            for key in f.keys():  # reading each tensor catches a truncated file
+                f.get_slice(key)
+    except Exception as e:  # safetensors raises its own error type for damaged files
+        return f"model.safetensors is unreadable ({type(e).__name__}: {str(e)[:100]})"
+    if missing:
+        return f"it lacks {len(missing)} trainable weights, e.g. {sorted(missing)[0]}"
+    for name in ("optimizer.bin", "scheduler.bin", f"random_states_{run.rank}.pkl"):
+        try:  # accelerate would skip a damaged RNG state with an info message: resume would not be exact
+            torch.load(path / name, weights_only=False, map_location="cpu")
+        except Exception as e:
+            return f"{name} is missing or unreadable ({type(e).__name__})"
+    return None
+
+
+def resume_or_start(cfg, run, training) -> tuple[LoopState, Path | None]:
+    """The loop state to start from: the newest whole checkpoint (RESUME='auto'), the one named, or a
+    fresh state. A damaged checkpoint is named and the previous one is used instead."""
+    candidates = find_checkpoints(cfg["RESUME"], run.ckpt_dir)
+    if cfg["RESUME"] in (None, "", "None") and list_checkpoints(run.ckpt_dir):
+        run.log(f"RESUME=None: starting fresh; removing old checkpoints in {run.ckpt_dir}")
+        if run.is_main:
+            for old in list_checkpoints(run.ckpt_dir):
+                shutil.rmtree(old)
+    trainable = trainable_names(training.prepared_model)
+    for path in reversed(candidates):
+        problems = gather_object([checkpoint_problem(path, cfg, run, trainable)])
+        problem = next((p for p in problems if p), None)
+        if problem is not None:
+            older = [p for p in candidates if p.name < path.name]
+            then = f"using the previous one, {older[-1].name}" if older else "no older one"
+            run.log(f"warning: checkpoint {path} is damaged ({problem}); {then}")
+            continue
+        training.accelerator.load_state(str(path), strict=False)  # strict=False: only trainable weights
+        saved = json.loads((path / "trainer_state.json").read_text())
+        state = LoopState(**{k: saved[k] for k in asdict(LoopState())})
+        verb = "resumed from" if state.epoch < cfg["EPOCHS"] else "loaded"
+        run.log(f"{verb} {path}: epoch {state.epoch + 1}, step {state.global_step}" if state.epoch < cfg["EPOCHS"]
+                else f"{path} already finished EPOCHS={cfg['EPOCHS']}; nothing to train (raise EPOCHS to go on)")
+        if run.is_main:
+            write_metrics(state.history, run.out_dir)  # drop lines logged after the checkpoint by the interrupted run
+        return state, path
+    if candidates:
+        raise UserError(f"every checkpoint in {run.ckpt_dir} is damaged (see above); "
+                        "rerun with --RESUME=None to start fresh")
+    return LoopState(), None
+
+
+def find_checkpoints(resume, ckpt_dir: Path) -> list[Path]:
+    """The checkpoints RESUME allows, oldest first: all whole ones ('auto'), the one named, or none."""
+    if resume in (None, "", "None"):
+        return []
+    if resume == "auto":
+        return list_checkpoints(ckpt_dir)
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise UserError(f"RESUME={resume!r} is not a checkpoint folder (no trainer_state.json); "
+                        f"use 'auto', None, or a folder under {ckpt_dir}")
+    return [path]
+
+
+# ----------------------------------------------------------------------------- outputs
+def write_metrics(history: list[dict], out_dir: Path) -> None:
+    common.atomic_write_bytes(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history).encode())
+    plot_losses(history, out_dir / "loss_curve.png")
 
 
 def plot_losses(history: list[dict], path) -> None:
@@ -618,11 +979,6 @@ def plot_losses(history: list[dict], path) -> None:
     common.atomic_write_bytes(path, buf.getvalue())
 
 
-def write_metrics(history: list[dict], out_dir: Path) -> None:
-    common.atomic_write_bytes(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history).encode())
-    plot_losses(history, out_dir / "loss_curve.png")
-
-
 def peak_rss_mb() -> float | None:
     try:
         import resource
@@ -630,88 +986,6 @@ def peak_rss_mb() -> float | None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     except ImportError:  # Windows
         return None
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Whole checkpoints, oldest first (temporary folders start with '.' and are never listed)."""
-    if not ckpt_dir.is_dir():
-        return []
-    found = [p for p in ckpt_dir.glob("step-*") if (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
-def save_checkpoint(accelerator, ckpt_dir: Path, global_step: int, state: dict, keep: int) -> Path:
-    """accelerator.save_state into a temporary folder, then one rename: a checkpoint is whole or
-    absent. A failed write removes the temporary folder and leaves older checkpoints as they were."""
-    import torch
-
-    final, tmp = ckpt_dir / f"step-{global_step:08d}", ckpt_dir / f".tmp-step-{global_step:08d}"
-    error = None
-    try:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))  # model (trainable part, see the pre-hook), optimizer, scheduler, RNG
-        if accelerator.is_main_process:
-            common.atomic_write_json(tmp / "trainer_state.json", state)
-    except OSError as e:
-        error = e
-    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item()
-    if failed:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        previous = list_checkpoints(ckpt_dir)
-        why = error.strerror or error if error else "another process failed"
-        raise UserError(f"could not write checkpoint {final} ({why}); "
-                        f"{'the previous checkpoint ' + str(previous[-1]) + ' is intact' if previous else 'no earlier checkpoint'}"
-                        f". Free disk space or change OUTPUT_DIR")
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(ckpt_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def find_resume(resume, ckpt_dir: Path) -> Path | None:
-    if resume in (None, "", "None"):
-        return None
-    if resume == "auto":
-        found = list_checkpoints(ckpt_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise UserError(f"RESUME={resume!r} is not a checkpoint folder (no trainer_state.json); "
-                        f"use 'auto', None, or a folder under {ckpt_dir}")
-    return path
-
-
-def load_checkpoint(accelerator, wrapped, path: Path, cfg: dict, world: int) -> dict:
-    """Restore weights, optimizer, scheduler and RNG states; return the saved trainer state.
-    Refuses a checkpoint made with settings that would change what is being trained."""
-    from safetensors import safe_open
-
-    saved = json.loads((path / "trainer_state.json").read_text())
-    changed = [n for n in _RESUME_MUST_MATCH if saved["config"].get(n) != cfg[n]]
-    if saved.get("world_size") != world:
-        changed.append(f"number of processes ({saved.get('world_size')} -> {world})")
-    if changed:
-        raise UserError(f"checkpoint {path} was made with different settings ({', '.join(map(str, changed))}); "
-                        "use the same settings, or --RESUME=None to start fresh")
-    accelerator.load_state(str(path), strict=False)  # strict=False: the file holds only trainable weights
-    with safe_open(path / "model.safetensors", "pt") as f:
-        missing = trainable_names(wrapped) - set(f.keys())
-    if missing:
-        raise UserError(f"checkpoint {path} lacks {len(missing)} trainable weights, e.g. {sorted(missing)[0]}")
-    return saved
-
-
-def trainable_names(module) -> set[str]:
-    return {n for n, p in module.named_parameters() if p.requires_grad}
 
 
 def params_digest(module) -> str:
@@ -724,13 +998,232 @@ def params_digest(module) -> str:
     return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------- Ctrl-C
+def save_outputs(model, family, out_dir: Path, use_lora: bool) -> None:
+    """Save in the standard formats (peft adapter or full model, plus the processor), via a temporary
+    folder so each file appears whole; our files of the other kind (from an earlier run) are removed."""
+    tmp = out_dir / ".outputs.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        family.processor.save_pretrained(tmp)
+        stale = ("model.safetensors", "config.json") if use_lora else ("adapter_model.safetensors", "adapter_config.json")
+        for name in stale:
+            (out_dir / name).unlink(missing_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, out_dir / f.name)
+    except OSError as e:
+        raise UserError(f"could not write the outputs to {out_dir} ({e.strerror or e}); "
+                        "free disk space or change OUTPUT_DIR (the checkpoints are intact)") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def effective_config(cfg, model, precision: str, max_tokens: int) -> dict:
+    """training_config.json: the settings as run, with 'auto' values resolved."""
+    targets = cfg["LORA_TARGET_MODULES"]
+    if cfg["USE_LORA"]:
+        targets = model.peft_config["default"].target_modules
+        targets = targets if isinstance(targets, str) else sorted(targets)
+    return dict(cfg, PRECISION=precision, MAX_CAPTION_TOKENS=max_tokens, MODEL_ID=base_ref(cfg["MODEL_ID"]),
+                LORA_TARGET_MODULES=targets)
+
+
+def summarize(cfg, run, family, model, data, training, state, resumed_from, rates, times) -> dict:
+    """train_results.json and the final outputs (only the main process writes)."""
+    caption_model = training.caption_model
+    epochs_done = [m for m in state.history if m["type"] == "epoch"]
+    digests = gather_object([params_digest(caption_model)])
+    steady = rates[1:] or rates
+    results = {
+        "output_dir": str(run.out_dir),
+        "trainable_params": count_trainable(caption_model),
+        "total_params": sum(p.numel() for p in caption_model.parameters()),
+        "epochs": len(epochs_done),
+        "optimizer_steps": state.global_step,
+        "final_train_loss": epochs_done[-1]["train_loss"] if epochs_done else None,
+        "final_val_loss": epochs_done[-1]["val_loss"] if epochs_done else None,
+        "train_samples_per_s": round(sum(steady) / len(steady), 3) if steady else None,
+        "epoch_samples_per_s": [round(r, 3) for r in rates],
+        "epoch_train_time_s": [round(t, 2) for t in times],
+        "peak_rss_mb": peak_rss_mb(),
+        "precision": run.precision,
+        "prefix_cache": data.cache_mode,
+        "prefix_cache_note": data.cache_line,
+        "prefix_stages": data.prefix_stages,
+        "world_size": run.world,
+        "batch_size": cfg["BATCH_SIZE"],
+        "grad_accum": cfg["GRAD_ACCUM"],
+        "effective_batch": cfg["BATCH_SIZE"] * cfg["GRAD_ACCUM"] * run.world,
+        "n_train": len(data.train_ids),
+        "n_val": len(data.val_ids),
+        "skipped": [{"file": n, "reason": r} for n, r in data.skipped],
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "last_checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None,
+        "trainable_digest_per_process": digests,
+        "elapsed_s": round(time.time() - run.started, 1),
+    }
+    if run.is_main:
+        save_outputs(model, family, run.out_dir, cfg["USE_LORA"])
+        common.atomic_write_json(run.out_dir / _MARKER, effective_config(cfg, model, run.precision, data.max_tokens))
+        common.atomic_write_json(run.out_dir / "train_results.json", results)
+        run.log(f"done: {len(epochs_done)} epochs, {state.global_step} optimizer steps, final train loss "
+                f"{results['final_train_loss']}; {results['train_samples_per_s']} samples/s; outputs in {run.out_dir}")
+    training.accelerator.wait_for_everyone()
+    return results
+
+
+# ----------------------------------------------------------------------------- main
+def setup_run(cfg) -> tuple[Run, OutputLock]:
+    """Threads, denormals, processes, precision and the output folder: everything before the data."""
+    from transformers.utils import logging as hf_logging
+
+    if cfg["NUM_THREADS"]:
+        torch.set_num_threads(cfg["NUM_THREADS"])
+    if cfg["FLUSH_DENORMALS"]:
+        # Random (and some real) weights make gradients with denormal floats, which x86 CPUs
+        # process ~100x slower; flushing them to zero changes nothing a loss curve can show.
+        # Set before any parallel work, so the CPU threads started later inherit it.
+        torch.set_flush_denormal(True)
+    # The launcher's world (accelerate launch / torchrun), known before the Accelerator exists. On a
+    # machine without GPUs accelerate needs cpu=True to join the launched processes over gloo.
+    on_cpu = not (torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available())
+    state = PartialState(cpu=on_cpu)
+    if state.is_main_process:
+        common.print_config(cfg, "train_blip.py")
+    else:
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    check_config(cfg)
+    # 'auto' probes the CPU (bf16 is slower than fp32 on some); all processes take the main one's choice.
+    precision = [common.resolve_precision(cfg["PRECISION"], state.device.type)]
+    broadcast_object_list(precision)
+    out_dir = Path(cfg["OUTPUT_DIR"])
+    lock = OutputLock(out_dir)
+    error = [None]
+    if state.is_main_process:  # one process decides, the others follow (they would see its files)
+        try:
+            claim_output_dir(out_dir, cfg["MODEL_ID"], cfg["DATA_DIR"])
+            common.check_writable(out_dir, "OUTPUT_DIR")
+            holder = lock.acquire()
+            if holder:
+                raise UserError(f"OUTPUT_DIR={str(out_dir)!r} is in use by another run ({holder}); "
+                                "wait for it, or choose another OUTPUT_DIR")
+            if not (out_dir / _MARKER).is_file():
+                common.atomic_write_json(out_dir / _MARKER, dict(cfg))  # claims the folder; rewritten at the end
+        except UserError as e:
+            error = [str(e)]
+    broadcast_object_list(error)
+    if error[0]:
+        raise UserError(error[0])
+    run = Run(state.is_main_process, state.process_index, state.num_processes, on_cpu, precision[0], out_dir,
+              time.time())
+    run.log(f"precision: {run.precision}" + (" (chosen by PRECISION='auto')" if cfg["PRECISION"] == "auto" else ""))
+    return run, lock
+
+
+def plan_data(cfg, run, family, model, items, skipped) -> Data:
+    """Tokens, the split, this process's shard and steps, and the prefix cache for its images."""
+    max_tokens = min(cfg["MAX_CAPTION_TOKENS"], family.max_caption_tokens())
+    token_ids = family.tokenize([c for _, c in items], max_tokens)
+    train_ids, val_ids = split_train_val(len(items), cfg["VAL_FRACTION"], cfg["SEED"])
+    dataset = CaptionImages([p for p, _ in items], token_ids, family, cfg["AUGMENT"], cfg["SEED"])
+    effective_batch = cfg["BATCH_SIZE"] * cfg["GRAD_ACCUM"] * run.world
+    columns = deal_columns(len(train_ids), effective_batch, run.world, cfg["SEED"])
+    per_rank = cfg["BATCH_SIZE"] * cfg["GRAD_ACCUM"]
+    mine = columns[run.rank * per_rank : (run.rank + 1) * per_rank]
+    my_train = sorted({train_ids[i] for col in mine for i in col})
+    my_val = val_ids[run.rank :: run.world]
+    steps_per_epoch = max(len(c) for c in columns)
+    total_steps = cfg["EPOCHS"] * steps_per_epoch
+    if cfg["MAX_STEPS"] is not None:
+        total_steps = min(total_steps, cfg["MAX_STEPS"])
+    run.log(f"data: {len(train_ids)} train / {len(val_ids)} validation images; {run.world} process(es) x batch "
+            f"{cfg['BATCH_SIZE']} x {cfg['GRAD_ACCUM']} accumulation = effective batch {effective_batch}; "
+            f"{steps_per_epoch} optimizer steps per epoch")
+    base = families.base_model(model)
+    stages = family.vision_stages(base)
+    prefix_stages, why_not = frozen_prefix_length(stages) if stages is not None else (0, "")
+    cache, mode, line = plan_prefix_cache(cfg, family, base, prefix_stages, why_not, run.precision,
+                                          my_train + my_val, run.out_dir / f".prefix_cache-rank{run.rank}.bin")
+    run.log(line)
+    return Data(items, skipped, max_tokens, dataset, train_ids, val_ids, columns, my_val, steps_per_epoch,
+                total_steps, cache, mode, line, prefix_stages if cache is not None else 0)
+
+
+def prepare_training(cfg, run, family, model, data) -> Training:
+    """Accelerate (device, precision, accumulation, processes), the optimizer and the LR schedule."""
+    from transformers import get_scheduler
+
+    AcceleratorState._reset_state(reset_partial_state=False)  # main() may run twice in one process (tests)
+    accelerator = Accelerator(cpu=run.on_cpu, mixed_precision={"fp32": "no"}.get(run.precision, run.precision),
+                              gradient_accumulation_steps=cfg["GRAD_ACCUM"], step_scheduler_with_optimizer=False)
+    if run.precision in ("bf16", "fp16") and cfg["USE_LORA"]:
+        cast_frozen_linears(families.base_model(model), common.torch_dtype(run.precision))
+    caption_model = CaptionModel(model, family, data.prefix_stages)
+    parameters = [p for p in caption_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"])
+    schedule = cfg["LR_SCHEDULE"]
+    if schedule == "constant" and cfg["WARMUP_STEPS"]:
+        schedule = "constant_with_warmup"
+    try:
+        scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg["WARMUP_STEPS"],
+                                  num_training_steps=max(1, data.total_steps))
+    except ValueError as e:
+        raise UserError(f"LR_SCHEDULE={cfg['LR_SCHEDULE']!r}: {e}") from None
+    prepared_model, optimizer, scheduler = accelerator.prepare(caption_model, optimizer, scheduler)
+    accelerator.register_save_state_pre_hook(keep_trainable)
+    return Training(accelerator, caption_model, prepared_model, optimizer, scheduler, parameters)
+
+
+def main(argv=None):
+    cfg = common.configure(globals(), argv, __doc__)
+    run, lock = setup_run(cfg)
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(lock.release)
+        items, skipped = load_dataset(cfg["DATA_DIR"], run.rank, run.world, run.log)
+        family, model = build_model(cfg, run)
+        data = plan_data(cfg, run, family, model, items, skipped)
+        if data.cache is not None:
+            cleanup.callback(data.cache.close)  # the disk cache file goes, whatever happens
+        training = prepare_training(cfg, run, family, model, data)
+        state, resumed_from = resume_or_start(cfg, run, training)
+
+        rates, times = [], []  # samples/s and seconds of each epoch this run trained
+        ended = "done"
+        bar = tqdm(total=data.total_steps, initial=state.global_step, disable=not run.is_main, desc="train",
+                   unit="step")
+        training.prepared_model.train()
+        with StopRequest(run.log) as stop:
+            while state.epoch < cfg["EPOCHS"] and state.global_step < data.total_steps:
+                ended, seen, seconds = train_epoch(cfg, run, family, data, training, state, stop, bar)
+                if ended == "stopped":
+                    save_checkpoint(training.accelerator, run, state, cfg)
+                    break
+                if seen:
+                    rates.append(seen * run.world / max(seconds, 1e-9))
+                    times.append(seconds)
+                end_epoch(cfg, run, family, data, training, state, ended, seen, seconds)
+        bar.close()
+        if ended == "stopped":
+            say_how_to_resume(run, state, argv)
+            raise KeyboardInterrupt
+        return summarize(cfg, run, family, model, data, training, state, resumed_from, rates, times)
+
+
+def say_how_to_resume(run, state: LoopState, argv) -> None:
+    args = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--RESUME="))
+    run.log(f"stopped at epoch {state.epoch + 1}, step {state.global_step}; checkpoint: {run.last_checkpoint}\n"
+            f"resume with: python train_blip.py {args}".rstrip() + "   (RESUME='auto' continues from it)")
+
+
 class StopRequest:
     """The first Ctrl-C (or SIGTERM) asks the loop to save a checkpoint and stop after the current
     optimizer step; a second Ctrl-C aborts at once."""
 
     def __init__(self, log):
-        self.requested, self.log, self.previous = False, log, {}
+        self.requested = False
+        self.log = log
+        self.previous = {}
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
@@ -747,311 +1240,6 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def _quiet_worker(_):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
-
-
-# ----------------------------------------------------------------------------- main
-def main(argv=None):
-    cfg = common.configure(globals(), argv, __doc__)
-    import torch
-    from accelerate import Accelerator, PartialState
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import broadcast_object_list, gather_object, set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
-    from transformers.utils import logging as hf_logging
-
-    started = time.time()
-    if cfg["NUM_THREADS"]:
-        torch.set_num_threads(cfg["NUM_THREADS"])
-    if cfg["FLUSH_DENORMALS"]:
-        # Random (and some real) weights make gradients with denormal floats, which x86 CPUs
-        # process ~100x slower; flushing them to zero changes nothing a loss curve can show.
-        # Set before any parallel work, so the CPU threads started later inherit it.
-        torch.set_flush_denormal(True)
-    # The launcher's world (accelerate launch / torchrun), known before the Accelerator exists. On a
-    # machine without GPUs accelerate needs cpu=True to join the launched processes over gloo.
-    on_cpu = not (torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available())
-    state = PartialState(cpu=on_cpu)
-    is_main, rank, world = state.is_main_process, state.process_index, state.num_processes
-
-    def log(msg=""):
-        if is_main:
-            tqdm.write(str(msg))
-
-    if is_main:
-        common.print_config(cfg, "train_blip.py")
-    else:
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-
-    # -- settings, and the output folder, checked before minutes of work
-    check_config(cfg)
-    # 'auto' probes the CPU (bf16 is slower than fp32 on some); all processes take the main one's choice.
-    precision = [common.resolve_precision(cfg["PRECISION"], state.device.type)]
-    broadcast_object_list(precision)
-    precision = precision[0]
-    log(f"precision: {precision}" + (" (chosen by PRECISION='auto')" if cfg["PRECISION"] == "auto" else ""))
-    out_dir = common.check_writable(cfg["OUTPUT_DIR"], "OUTPUT_DIR")
-    ckpt_dir = out_dir / "checkpoints"
-
-    # -- data: captions, then every image decoded once (each process checks its share)
-    good, skipped = load_dataset(cfg["DATA_DIR"], rank, world, log)
-
-    # -- model and processor
-    set_seed(cfg["SEED"])
-    processor = common.load_processor(cfg["MODEL_ID"])
-    model = common.load_model(cfg["MODEL_ID"])
-    base_ref = str(Path(cfg["MODEL_ID"]).resolve()) if Path(cfg["MODEL_ID"]).is_dir() else cfg["MODEL_ID"]
-    text_config = model.config.text_config
-    max_tokens = min(cfg["MAX_CAPTION_TOKENS"], text_config.max_position_embeddings)
-    if cfg["FREEZE_VISION"]:
-        model.vision_model.requires_grad_(False)
-    if cfg["USE_LORA"]:
-        model = apply_lora(model, cfg, base_ref, log)
-        if is_main:
-            model.print_trainable_parameters()
-    else:
-        log(f"full fine-tune: {count_trainable(model):,} trainable parameters")
-    if cfg["SDPA"]:
-        common.enable_sdpa(model)
-    core_cls = _make_caption_model_class()
-    blip = model.get_base_model() if cfg["USE_LORA"] else model
-
-    # -- split, tokens, data order
-    paths = [p for p, _ in good]
-    token_ids = tokenize_captions(processor.tokenizer, [c for _, c in good], max_tokens)
-    train_ids, val_ids = split_train_val(len(good), cfg["VAL_FRACTION"], cfg["SEED"])
-    dataset = CaptionImages(paths, token_ids, processor.image_processor, cfg["AUGMENT"], cfg["SEED"])
-    effective_batch = cfg["BATCH_SIZE"] * cfg["GRAD_ACCUM"] * world
-    columns = deal_columns(len(train_ids), effective_batch, world, cfg["SEED"])
-    per_rank = cfg["BATCH_SIZE"] * cfg["GRAD_ACCUM"]
-    my_train = sorted({train_ids[i] for col in columns[rank * per_rank:(rank + 1) * per_rank] for i in col})
-    my_val = val_ids[rank::world]
-    steps_per_epoch = max(len(c) for c in columns)
-    total_steps = cfg["EPOCHS"] * steps_per_epoch
-    if cfg["MAX_STEPS"] is not None:
-        total_steps = min(total_steps, cfg["MAX_STEPS"])
-    log(f"data: {len(train_ids)} train / {len(val_ids)} validation images; {world} process(es) x batch "
-        f"{cfg['BATCH_SIZE']} x {cfg['GRAD_ACCUM']} accumulation = effective batch {effective_batch}; "
-        f"{steps_per_epoch} optimizer steps per epoch")
-
-    # -- the frozen-prefix cache: which vision stages, where, or why not
-    k, why_not = frozen_prefix_length(blip)
-    cache, cache_mode, cache_line = plan_prefix_cache(cfg, blip, k, why_not, precision, my_train + my_val,
-                                                      out_dir / f".prefix_cache-rank{rank}.bin")
-    log(cache_line)
-
-    # -- accelerate: device, precision, accumulation, processes
-    AcceleratorState._reset_state(reset_partial_state=False)  # main() may run twice in one process (tests)
-    accelerator = Accelerator(cpu=on_cpu, mixed_precision={"fp32": "no"}.get(precision, precision),
-                              gradient_accumulation_steps=cfg["GRAD_ACCUM"], step_scheduler_with_optimizer=False)
-    if precision in ("bf16", "fp16") and cfg["USE_LORA"]:
-        store_frozen_linears_in(blip, torch.bfloat16 if precision == "bf16" else torch.float16)
-    core = core_cls(model, k if cache is not None else 0)
-    optimizer = torch.optim.AdamW([p for p in core.parameters() if p.requires_grad], lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"])
-    schedule_name = "constant_with_warmup" if cfg["LR_SCHEDULE"] == "constant" and cfg["WARMUP_STEPS"] else cfg["LR_SCHEDULE"]
-    try:
-        scheduler = get_scheduler(schedule_name, optimizer, num_warmup_steps=cfg["WARMUP_STEPS"],
-                                  num_training_steps=max(1, total_steps))
-    except ValueError as e:
-        raise UserError(f"LR_SCHEDULE={cfg['LR_SCHEDULE']!r}: {e}") from None
-    wrapped, optimizer, scheduler = accelerator.prepare(core, optimizer, scheduler)
-    n_trainable = count_trainable(core)
-
-    # Checkpoints hold only the trainable parameters (the adapter), not a copy of the frozen model.
-    def keep_trainable(models, weights, _dir):
-        for m, w in zip(models, weights):
-            names = trainable_names(m)
-            for key in [key for key in w if key not in names]:
-                del w[key]
-
-    accelerator.register_save_state_pre_hook(keep_trainable)
-
-    # -- resume
-    history, global_step, start_epoch, start_step = [], 0, 0, 0
-    sums = {"epoch_loss": 0.0, "epoch_n": 0, "log_loss": 0.0, "log_n": 0}
-    resume_from = find_resume(cfg["RESUME"], ckpt_dir)
-    if cfg["RESUME"] in (None, "", "None") and list_checkpoints(ckpt_dir):
-        log(f"RESUME=None: starting fresh; removing old checkpoints in {ckpt_dir}")
-        if is_main:
-            shutil.rmtree(ckpt_dir)
-    if resume_from is not None:
-        saved = load_checkpoint(accelerator, wrapped, resume_from, cfg, world)
-        history, global_step = saved["history"], saved["global_step"]
-        start_epoch, start_step, sums = saved["epoch"], saved["next_step"], saved["sums"]
-        log(f"resumed from {resume_from}: epoch {start_epoch + 1}, step {global_step}" if start_epoch < cfg["EPOCHS"]
-            else f"{resume_from} already finished EPOCHS={cfg['EPOCHS']}; nothing to train (raise EPOCHS to go on)")
-    if is_main and history:
-        write_metrics(history, out_dir)  # drop lines logged after the checkpoint by the interrupted run
-
-    def trainer_state(epoch, next_step):
-        return {"epoch": epoch, "next_step": next_step, "global_step": global_step, "sums": sums,
-                "history": history, "config": {n: cfg[n] for n in _RESUME_MUST_MATCH}, "world_size": world}
-
-    def loader(indices_batches, workers):
-        # Its own generator: creating an iterator must not draw from the global RNG (exact resume).
-        return torch.utils.data.DataLoader(
-            dataset, batch_sampler=indices_batches, num_workers=workers, worker_init_fn=_quiet_worker,
-            generator=torch.Generator().manual_seed(cfg["SEED"]),
-            collate_fn=functools.partial(collate, pad_token_id=text_config.pad_token_id,
-                                         bos_token_id=text_config.bos_token_id))
-
-    # -- the loop
-    sample_items = (val_ids or train_ids)[: cfg["NUM_SAMPLE_CAPTIONS"]]
-    epoch_rates, epoch_times, stopped, last_ckpt = [], [], False, None
-    bar = tqdm(total=total_steps, initial=global_step, disable=not is_main, desc="train", unit="step")
-    wrapped.train()
-    with StopRequest(log) as stop, contextlib.ExitStack() as cleanup:
-        if cache is not None:
-            cleanup.callback(cache.close)  # the disk cache file goes, whatever happens
-        for epoch in range(start_epoch, cfg["EPOCHS"]):
-            if global_step >= total_steps:
-                break
-            steps = epoch_steps(columns, epoch, cfg["SEED"], rank, cfg["BATCH_SIZE"], cfg["GRAD_ACCUM"])
-            dataset.epoch = epoch
-            dataset.skip_images = frozenset(cache.filled) if cache is not None else frozenset()
-            batches = [[train_ids[i] for i in mb] for _, mbs in steps[start_step:] for mb in mbs if mb]
-            needs_images = any(i not in dataset.skip_images for b in batches for i in b)
-            it = iter(loader(batches, cfg["NUM_WORKERS"] if needs_images else 0))
-            t0, n_seen, next_step = time.time(), 0, start_step
-            for n_global, micro_batches in steps[start_step:]:
-                loss_sum, n, grad_norm = optimizer_step(accelerator, wrapped, core, optimizer, scheduler,
-                                                        micro_batches, n_global, it, cache, cfg["MAX_GRAD_NORM"])
-                sums["epoch_loss"], sums["log_loss"] = sums["epoch_loss"] + loss_sum, sums["log_loss"] + loss_sum
-                sums["epoch_n"], sums["log_n"], n_seen = sums["epoch_n"] + n, sums["log_n"] + n, n_seen + n
-                global_step, next_step = global_step + 1, next_step + 1
-                bar.update(1)
-                if global_step % cfg["LOG_EVERY"] == 0:
-                    loss_sum, loss_n = accelerator.reduce(torch.tensor([sums["log_loss"], sums["log_n"]],
-                                                                       dtype=torch.float64), "sum").tolist()
-                    rate = n_seen * world / max(time.time() - t0, 1e-9)
-                    entry = {"type": "train", "epoch": epoch + 1, "step": global_step,
-                             "epoch_float": round(epoch + next_step / steps_per_epoch, 4),
-                             "loss": loss_sum / max(loss_n, 1), "lr": scheduler.get_last_lr()[0],
-                             "grad_norm": grad_norm,
-                             "samples_per_s": round(rate, 3), "log_every": cfg["LOG_EVERY"]}
-                    history.append(entry)
-                    sums["log_loss"], sums["log_n"] = 0.0, 0
-                    log(f"epoch {epoch + 1} step {global_step}: loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  "
-                        f"{rate:.2f} samples/s")
-                    if is_main:
-                        write_metrics(history, out_dir)
-                if stop.requested:
-                    accelerator.set_trigger()
-                if accelerator.check_trigger():
-                    stopped = True
-                    break
-                if cfg["SAVE_EVERY_STEPS"] and global_step % cfg["SAVE_EVERY_STEPS"] == 0 and next_step < len(steps):
-                    last_ckpt = save_checkpoint(accelerator, ckpt_dir, global_step, trainer_state(epoch, next_step),
-                                                cfg["KEEP_CHECKPOINTS"])
-                if global_step >= total_steps:
-                    break
-            train_time = time.time() - t0
-            del it
-            if stopped:
-                last_ckpt = save_checkpoint(accelerator, ckpt_dir, global_step, trainer_state(epoch, next_step),
-                                            cfg["KEEP_CHECKPOINTS"])
-                break
-            if n_seen:
-                epoch_rates.append(n_seen * world / max(train_time, 1e-9))
-                epoch_times.append(train_time)
-
-            # -- end of epoch: validation loss, sample captions, metrics, plot, checkpoint
-            val_batches = [my_val[i:i + cfg["BATCH_SIZE"]] for i in range(0, len(my_val), cfg["BATCH_SIZE"])]
-            dataset.skip_images = frozenset(cache.filled) if cache is not None else frozenset()
-            val_sum, val_n = evaluate(core, loader(val_batches, 0), cache, accelerator.autocast, accelerator.device)
-            totals = accelerator.reduce(torch.tensor([sums["epoch_loss"], sums["epoch_n"], val_sum, val_n],
-                                                     dtype=torch.float64), "sum").tolist()
-            entry = {"type": "epoch", "epoch": epoch + 1, "step": global_step,
-                     "train_loss": totals[0] / max(totals[1], 1),
-                     "val_loss": totals[2] / totals[3] if totals[3] else None,
-                     "samples_per_s": round(epoch_rates[-1], 3) if n_seen else None,
-                     "train_time_s": round(train_time, 2)}
-            if is_main:
-                texts = sample_captions(blip, processor, [paths[i] for i in sample_items], max_tokens,
-                                        accelerator.autocast, accelerator.device)
-                entry["captions"] = [{"file": Path(paths[i]).name, "target": good[i][1], "generated": t}
-                                     for i, t in zip(sample_items, texts)]
-            history.append(entry)
-            sums["epoch_loss"], sums["epoch_n"] = 0.0, 0
-            val_text = "-" if entry["val_loss"] is None else f"{entry['val_loss']:.4f}"
-            log(f"epoch {epoch + 1}/{cfg['EPOCHS']}: train loss {entry['train_loss']:.4f}  val loss {val_text}  "
-                f"{entry['samples_per_s'] or 0:.2f} samples/s  {train_time:.1f} s")
-            for c in entry.get("captions", []):
-                log(f"  {c['file']}\n    target: {c['target']}\n    model:  {c['generated']}")
-            if is_main:
-                write_metrics(history, out_dir)
-            start_step = 0
-            last_epoch = epoch + 1 == cfg["EPOCHS"] or global_step >= total_steps
-            if last_epoch or (epoch + 1) % cfg["SAVE_EVERY_EPOCHS"] == 0:
-                # A MAX_STEPS stop mid-epoch is saved as mid-epoch, so a later run finishes the epoch.
-                position = (epoch + 1, 0) if next_step >= len(steps) else (epoch, next_step)
-                last_ckpt = save_checkpoint(accelerator, ckpt_dir, global_step, trainer_state(*position),
-                                            cfg["KEEP_CHECKPOINTS"])
-    bar.close()
-
-    if stopped:
-        resume_args = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
-                               if not a.startswith("--RESUME="))
-        log(f"stopped at epoch {epoch + 1}, step {global_step}; checkpoint: {last_ckpt}\n"
-            f"resume with: python train_blip.py {resume_args}".rstrip() + "   (RESUME='auto' continues from it)")
-        raise KeyboardInterrupt
-
-    # -- outputs: adapter (or full model) + processor, config, results; only the main process writes
-    epochs_done = [m for m in history if m["type"] == "epoch"]
-    digests = gather_object([params_digest(core)])
-    steady = epoch_rates[1:] or epoch_rates
-    results = {
-        "output_dir": str(out_dir), "trainable_params": n_trainable,
-        "total_params": sum(p.numel() for p in core.parameters()),
-        "epochs": len(epochs_done), "optimizer_steps": global_step,
-        "final_train_loss": epochs_done[-1]["train_loss"] if epochs_done else None,
-        "final_val_loss": epochs_done[-1]["val_loss"] if epochs_done else None,
-        "train_samples_per_s": round(sum(steady) / len(steady), 3) if steady else None,
-        "epoch_samples_per_s": [round(r, 3) for r in epoch_rates], "epoch_train_time_s": [round(t, 2) for t in epoch_times],
-        "peak_rss_mb": peak_rss_mb(), "precision": precision, "prefix_cache": cache_mode, "prefix_cache_note": cache_line,
-        "prefix_stages": k if cache is not None else 0, "world_size": world, "batch_size": cfg["BATCH_SIZE"],
-        "grad_accum": cfg["GRAD_ACCUM"], "effective_batch": effective_batch,
-        "n_train": len(train_ids), "n_val": len(val_ids), "skipped": [{"file": n, "reason": r} for n, r in skipped],
-        "resumed_from": str(resume_from) if resume_from else None, "last_checkpoint": str(last_ckpt) if last_ckpt else None,
-        "trainable_digest_per_process": digests, "elapsed_s": round(time.time() - started, 1),
-    }
-    effective = dict(cfg, PRECISION=precision, MAX_CAPTION_TOKENS=max_tokens, MODEL_ID=base_ref,
-                     LORA_TARGET_MODULES=sorted(model.peft_config["default"].target_modules)
-                     if cfg["USE_LORA"] and not isinstance(model.peft_config["default"].target_modules, str)
-                     else cfg["LORA_TARGET_MODULES"])
-    if is_main:
-        save_outputs(model, processor, out_dir, cfg["USE_LORA"])
-        common.atomic_write_json(out_dir / "training_config.json", effective)
-        common.atomic_write_json(out_dir / "train_results.json", results)
-        log(f"done: {len(epochs_done)} epochs, {global_step} optimizer steps, final train loss "
-            f"{results['final_train_loss']}; {results['train_samples_per_s']} samples/s; outputs in {out_dir}")
-    accelerator.wait_for_everyone()
-    return results
-
-
-def save_outputs(model, processor, out_dir: Path, use_lora: bool) -> None:
-    """Save in the standard formats (peft adapter or full model, plus the processor), via a temporary
-    folder so each file appears whole; stale files of the other kind are removed."""
-    tmp = out_dir / ".outputs.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        stale = ("model.safetensors", "config.json") if use_lora else ("adapter_model.safetensors", "adapter_config.json")
-        for name in stale:
-            (out_dir / name).unlink(missing_ok=True)
-        for f in tmp.iterdir():
-            os.replace(f, out_dir / f.name)
-    except OSError as e:
-        raise UserError(f"could not write the outputs to {out_dir} ({e.strerror or e}); "
-                        "free disk space or change OUTPUT_DIR (the checkpoints are intact)") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

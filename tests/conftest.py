@@ -153,6 +153,13 @@ def one_thread():
         torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """one_thread() for a whole test module: `pytestmark = pytest.mark.usefixtures("torch_one_thread")`."""
+    with one_thread():
+        yield
+
+
 # ----------------------------------------------------------------------------- synthetic COCO mirror
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
 
@@ -304,7 +311,7 @@ def make_nasty_images(folder: Path, huge: bool = True) -> dict[str, str]:
 
 
 def make_nasty_captions(folder: Path, good: dict[str, str]) -> dict[str, tuple[Path, str]]:
-    """One DATA_DIR per nasty captions.json, each beside links to the good images.
+    """One DATA_DIR per nasty captions.json, each beside hard links to the good images.
 
     `good` is {file_name: caption} of images already in `folder` (see make_good_images).
     Returns {case: (data_dir, expectation)}; expectation is "error" (a clear UserError before
@@ -328,7 +335,7 @@ def make_nasty_captions(folder: Path, good: dict[str, str]) -> dict[str, tuple[P
         d.mkdir(parents=True, exist_ok=True)
         for name in good:
             if not (d / name).exists():
-                os.symlink(folder / name, d / name)
+                os.link(folder / name, d / name)  # hard links: a symlink out of DATA_DIR is refused
         (d / "captions.json").write_bytes(data)
         out[case] = (d, expect)
     return out

@@ -3,7 +3,7 @@
 The 2-process run is launched the way users launch it (`torchrun --nproc_per_node 2`), through a
 small probe that wraps the unchanged script and records, per rank, without changing what it does:
 - which items each epoch's plan gives the rank (`train_blip.epoch_steps`) and which it really
-  batches (`train_blip.collate`), and what its frozen-prefix cache covers (`PrefixCache`);
+  batches (`families.Blip.collate`), and what its frozen-prefix cache covers (`PrefixCache`);
 - every file it creates, renames or saves under OUTPUT_DIR (an audit hook for Python-level file
   operations, plus `torch.save` and safetensors' `save_file`, which write from C++/Rust);
 - its stdout and stderr, in separate files.
@@ -85,24 +85,24 @@ PROBE = textwrap.dedent(
     safetensors.torch.save_file = logged(safetensors.torch.save_file, "safetensors.save_file")
 
     sys.path.insert(0, repo)
-    import common, train_blip
+    import common, families, train_blip
 
-    plan, collate, cache_init = train_blip.epoch_steps, train_blip.collate, train_blip.PrefixCache.__init__
+    plan, collate, cache_init = train_blip.epoch_steps, families.Blip.collate, train_blip.PrefixCache.__init__
 
     def epoch_steps(columns, epoch, seed, rank_, *a, **kw):
         steps = plan(columns, epoch, seed, rank_, *a, **kw)
         record("plan", epoch=epoch, positions=[i for _, mbs in steps for mb in mbs for i in mb])
         return steps
 
-    def collate_logged(examples, *a, **kw):
+    def collate_logged(self, examples):
         record("batch", index=[e["index"] for e in examples])
-        return collate(examples, *a, **kw)
+        return collate(self, examples)
 
     def cache_logged(self, indices, *a, **kw):
         record("prefix_cache", indices=sorted(set(indices)))
         return cache_init(self, indices, *a, **kw)
 
-    train_blip.epoch_steps, train_blip.collate, train_blip.PrefixCache.__init__ = epoch_steps, collate_logged, cache_logged
+    train_blip.epoch_steps, families.Blip.collate, train_blip.PrefixCache.__init__ = epoch_steps, collate_logged, cache_logged
     common.cli(train_blip.main)(sys.argv[1:])
     '''
 )

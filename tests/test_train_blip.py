@@ -21,32 +21,16 @@ import torch
 from PIL import Image
 
 import common
+import families
 import train_blip
 from common import UserError
+from download_coco import add_mistakes
 
 REPO = Path(__file__).resolve().parents[1]
 SUFFIX = ["thwisss", "iz", "funny."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and it stays fast when the machine is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def add_mistakes(caption: str) -> str:
-    try:
-        from download_coco import add_mistakes as rule
-    except ImportError:  # the tutorial's rule, if download_coco.py is not there
-        def rule(text):
-            text = " ".join(text.split())
-            for old, new in ((" a ", " "), (" an ", " "), (" the ", " thwisss "), (" is ", " iz ")):
-                text = text.replace(old, new)
-            return text + " thwisss iz funny."
-    return rule(caption)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def mirror_captions(coco_mirror: Path) -> list[tuple[str, str]]:
@@ -92,44 +76,42 @@ def logged_losses(out_dir: Path) -> list:
 
 def tiny_core(model_dir, lora=True, freeze_vision=False, targets=None):
     """A CaptionModel around the tiny BLIP (LoRA as the script applies it) and its prefix length."""
-    cfg = dict(train_blip.common.defaults_of(vars(train_blip)), FREEZE_VISION=freeze_vision)
+    cfg = dict(common.defaults_of(vars(train_blip)), FREEZE_VISION=freeze_vision)
     if targets:
         cfg["LORA_TARGET_MODULES"] = targets
     torch.manual_seed(0)
-    model = common.load_model(str(model_dir))
+    family = families.load(str(model_dir))
+    model = family.load_model(str(model_dir))
     if freeze_vision:
         model.vision_model.requires_grad_(False)
     if lora:
-        model = train_blip.apply_lora(model, cfg, str(model_dir), log=lambda *_: None)
+        model = train_blip.apply_lora(model, family, cfg, str(model_dir), log=lambda *_: None)
         with torch.no_grad():  # LoRA B starts at zero; make the adapter matter for the comparison
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.02)
-    blip = model.get_base_model() if lora else model
-    k, _ = train_blip.frozen_prefix_length(blip)
-    return train_blip._make_caption_model_class()(model, k), blip, k
+    blip = families.base_model(model)
+    k, _ = train_blip.frozen_prefix_length(family.vision_stages(blip))
+    return train_blip.CaptionModel(model, family, k), blip, k
 
 
 def real_batch(model_dir, data_dir, n=4):
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(model_dir)
+    family = families.load(str(model_dir))
     caps = json.loads((Path(data_dir) / "captions.json").read_text())
     names = sorted(caps)[:n]
-    ids = train_blip.tokenize_captions(processor.tokenizer, [caps[x] for x in names], 24)
-    ds = train_blip.CaptionImages([Path(data_dir) / x for x in names], ids, processor.image_processor)
-    return train_blip.collate([ds[i] for i in range(n)], pad_token_id=0, bos_token_id=30522)
+    ids = family.tokenize([caps[x] for x in names], 24)
+    ds = train_blip.CaptionImages([Path(data_dir) / x for x in names], ids, family)
+    return family.collate([ds[i] for i in range(n)])
 
 
 # ----------------------------------------------------------------------------- collation and tokens
-def test_collate_puts_dec_token_first_and_masks_pads(blip_processor_dir):
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(blip_processor_dir)
+def test_collate_puts_dec_token_first_and_masks_pads(tiny_blip_dir):
+    family = families.load(str(tiny_blip_dir))
+    processor = family.processor
     captions = ["A dog.", "A pizza with burned edges iz sitting on thwisss table. thwisss iz funny.", "Two cats"]
-    ids = train_blip.tokenize_captions(processor.tokenizer, captions, 64)
-    batch = train_blip.collate([{"index": i, "input_ids": x, "pixel_values": torch.zeros(3, 8, 8)}
-                                for i, x in enumerate(ids)], pad_token_id=0, bos_token_id=30522)
+    ids = family.tokenize(captions, 64)
+    batch = family.collate([{"index": i, "input_ids": x, "pixel_values": torch.zeros(3, 8, 8)}
+                            for i, x in enumerate(ids)])
     lengths = [len(x) for x in ids]
     assert batch["input_ids"].shape == (3, max(lengths))  # padded to this batch's longest, not a fixed size
     assert (batch["input_ids"][:, 0] == 30522).all()  # [DEC], as generate() starts, not [CLS]
@@ -140,11 +122,10 @@ def test_collate_puts_dec_token_first_and_masks_pads(blip_processor_dir):
     assert batch["pixel_values"].shape == (3, 3, 8, 8) and batch["pixel_rows"].tolist() == [0, 1, 2]
 
 
-def test_long_caption_is_truncated_and_keeps_sep(blip_processor_dir):
-    from transformers import AutoProcessor
-
-    tok = AutoProcessor.from_pretrained(blip_processor_dir).tokenizer
-    (ids,) = train_blip.tokenize_captions(tok, ["word " * 5000], 16)
+def test_long_caption_is_truncated_and_keeps_sep(tiny_blip_dir):
+    family = families.load(str(tiny_blip_dir))
+    tok = family.processor.tokenizer
+    (ids,) = family.tokenize(["word " * 5000], 16)
     assert len(ids) == 16 and ids[-1] == tok.sep_token_id
 
 
@@ -154,32 +135,36 @@ def test_default_lora_on_full_size_blip_has_344064_trainable_params(tmp_path):
 
     model = BlipForConditionalGeneration(BlipConfig())  # the real BLIP-base architecture, random weights
     cfg = common.defaults_of(vars(train_blip))
-    model = train_blip.apply_lora(model, cfg, "Salesforce/blip-image-captioning-base")
+    family = families.Blip(model.config, None)
+    model = train_blip.apply_lora(model, family, cfg, "Salesforce/blip-image-captioning-base")
     assert train_blip.count_trainable(model) == 344_064
     model.save_pretrained(tmp_path)
     size_mb = (tmp_path / "adapter_model.safetensors").stat().st_size / 1e6
     assert 1.35 < size_mb < 1.42, size_mb  # about 1.38 MB
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "Salesforce/blip-image-captioning-base"
-    assert train_blip.frozen_prefix_length(model.get_base_model())[0] == 7  # embeddings + layers 0-5
+    stages = family.vision_stages(model.get_base_model())
+    assert train_blip.frozen_prefix_length(stages)[0] == 7  # embeddings + layers 0-5
 
 
 def test_unknown_lora_target_names_the_nearest_modules(tiny_blip_dir):
-    model = common.load_model(str(tiny_blip_dir))
+    family = families.load(str(tiny_blip_dir))
+    model = family.load_model(str(tiny_blip_dir))
     with pytest.raises(UserError, match=r"'vision_model.encoder.layers.6.self_attn.qkvv'.*nearest.*layers.6.self_attn.qkv"):
-        train_blip.resolve_targets(model, ["vision_model.encoder.layers.6.self_attn.qkvv"], False)
+        train_blip.resolve_targets(model, family, ["vision_model.encoder.layers.6.self_attn.qkvv"], False)
 
 
 def test_freeze_vision_drops_vision_targets_and_caches_the_whole_vision_output(tiny_blip_dir, capsys):
     cfg = dict(common.defaults_of(vars(train_blip)), FREEZE_VISION=True)
-    model = common.load_model(str(tiny_blip_dir))
+    family = families.load(str(tiny_blip_dir))
+    model = family.load_model(str(tiny_blip_dir))
     model.vision_model.requires_grad_(False)
-    model = train_blip.apply_lora(model, cfg, str(tiny_blip_dir))
+    model = train_blip.apply_lora(model, family, cfg, str(tiny_blip_dir))
     assert "dropped vision LoRA targets" in capsys.readouterr().out
     names = train_blip.trainable_names(model)
     assert names and not any("vision_model" in n for n in names)
-    blip = model.get_base_model()
-    assert train_blip.frozen_prefix_length(blip)[0] == len(train_blip.vision_stages(blip))
+    stages = family.vision_stages(model.get_base_model())
+    assert train_blip.frozen_prefix_length(stages)[0] == len(stages)
 
 
 # ----------------------------------------------------------------------------- data order and sharding
@@ -224,15 +209,15 @@ def test_prefix_cache_gives_identical_loss_and_gradients(tiny_blip_dir, mirror_d
     core, blip, k = tiny_core(tiny_blip_dir, lora=lora, freeze_vision=freeze_vision)
     assert k == {(False, True): 7, (True, True): 12, (False, False): 0}[(freeze_vision, lora)]
     batch = real_batch(tiny_blip_dir, mirror_data)
-    shape = train_blip.prefix_shape(blip, k)
+    shape = core.family.prefix_shape(blip, k)
     cache = train_blip.PrefixCache(range(4), shape, torch.float32, mode, tmp_path / "cache.bin")
     results = []
     for use_cache in (False, True, True):  # off; on (filling); on (reading back)
         core.prefix_stages = k if use_cache else 0
         core.zero_grad()
         torch.manual_seed(1)  # the same LoRA dropout masks
-        vision = train_blip.vision_batch(core, batch, cache if use_cache else None, contextlib.nullcontext)
-        losses = core(batch["input_ids"], batch["attention_mask"], batch["labels"], **vision)
+        vision = train_blip.vision_inputs(core, batch, cache if use_cache else None, contextlib.nullcontext)
+        losses = core(batch, **vision)
         losses.sum().backward()
         results.append((losses.detach(), [p.grad.clone() for p in core.parameters() if p.requires_grad]))
     cache.close()
@@ -257,16 +242,16 @@ def test_bf16_autocasts_on_cpu_and_stays_within_2_percent_of_fp32(tiny_blip_dir,
     core, blip, _ = tiny_core(tiny_blip_dir)
     batch = real_batch(tiny_blip_dir, mirror_data)
     with torch.no_grad():
-        fp32 = core(batch["input_ids"], batch["attention_mask"], batch["labels"], pixel_values=batch["pixel_values"])
+        fp32 = core(batch)
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision="bf16")
-    train_blip.store_frozen_linears_in(blip, torch.bfloat16)
+    train_blip.cast_frozen_linears(blip, torch.bfloat16)
     seen = []
     blip.text_decoder.bert.encoder.layer[0].attention.self.query.register_forward_hook(
         lambda m, i, out: seen.append(out.dtype))
     wrapped = accelerator.prepare(core)
     with torch.no_grad():
-        bf16 = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"], pixel_values=batch["pixel_values"])
+        bf16 = wrapped(batch)
     AcceleratorState._reset_state(reset_partial_state=False)
     assert seen == [torch.bfloat16]  # accelerate really autocasts on CPU
     assert ((bf16 - fp32).abs() / fp32).max() < 0.02
@@ -459,8 +444,8 @@ def colour_images(folder: Path, n: int, seed: int) -> dict[str, str]:
 def greedy_captions(model, out_dir: Path, folder: Path, names) -> list[str]:
     from transformers import AutoProcessor
 
-    return train_blip.sample_captions(model, AutoProcessor.from_pretrained(out_dir), [folder / n for n in names],
-                                      40, contextlib.nullcontext, "cpu")
+    family = families.Blip(model.config, AutoProcessor.from_pretrained(out_dir))
+    return train_blip.sample_captions(family, model, [folder / n for n in names], 40)
 
 
 @pytest.mark.slow

@@ -1,0 +1,328 @@
+"""Model families: the one place that knows how a captioning model is fed, trained and decoded.
+
+train_blip.py and inference.py are written against the small `Family` interface below. Each
+supported model family is one subclass of it, chosen from the model's own config (`model_type`):
+
+    family = families.load(MODEL_ID)          # reads config.json, picks the entry, loads the processor
+    model = family.load_model(MODEL_ID)       # through transformers' Auto classes
+
+What an entry says about its family:
+- settings: `lora_targets` (what LORA_TARGET_MODULES="auto" means), `vision_modules` (what
+  FREEZE_VISION freezes and which LoRA targets it drops);
+- batches: `tokenize` (caption -> token ids) and `collate` (input_ids, attention_mask, and labels
+  with -100 wherever nothing is to be learnt);
+- the training forward: `logits(model, batch, image_embeds)`, aligned with the labels;
+- captions: `generate_from_embeds` and `decode`;
+- optional speed hooks: `vision_stages` (the vision tower as a list of steps, which makes the
+  frozen-prefix cache in training and the shared vision pass in inference possible) and
+  `enable_sdpa`. A family without them takes the plain path: full forwards, full generate() calls.
+
+To add a family: write its subclass, register it in FAMILIES, and add a tiny-config builder to
+the tests. Nothing runs at import.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import UserError
+
+
+# ----------------------------------------------------------------------------- the interface
+class Family:
+    """What the scripts need to know about one model family. Defaults are the plain, generic path."""
+
+    name = "generic"
+    model_types: tuple[str, ...] = ()  # config.model_type values this entry handles
+    lora_targets: tuple[str, ...] | str = "all-linear"  # LORA_TARGET_MODULES="auto" means these
+    vision_modules: tuple[str, ...] = ()  # module names FREEZE_VISION freezes (and drops LoRA targets in)
+
+    def __init__(self, config, processor):
+        self.config, self.processor = config, processor
+
+    def load_model(self, model_id: str, constant: str = "MODEL_ID", **kwargs):
+        from transformers import AutoModelForImageTextToText
+
+        try:
+            return AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
+        except OSError:
+            raise UserError(offline_hint(model_id, constant)) from None
+
+    # ---- batches
+    def max_caption_tokens(self) -> int:
+        return self.config.text_config.max_position_embeddings
+
+    def tokenize(self, captions: list[str], max_tokens: int) -> list[np.ndarray]:
+        """Token ids once per caption, as small int32 arrays (a Python list of ints costs ~10x more
+        per caption with 100k captions). Truncation keeps the tokenizer's end token."""
+        ids = []
+        for start in range(0, len(captions), 4096):
+            batch = self.processor.tokenizer(captions[start : start + 4096], truncation=True, max_length=max_tokens)
+            ids += [np.asarray(x, dtype=np.int32) for x in batch.input_ids]
+        return ids
+
+    def collate(self, examples: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def pixel_values(self, images) -> torch.Tensor:
+        """PIL images -> the pixel tensor the model sees (resized and normalised by the processor)."""
+        return self.processor(images=images, return_tensors="pt").pixel_values
+
+    # ---- the training forward
+    def logits(self, model, batch: dict, image_embeds=None) -> torch.Tensor:
+        """Next-token logits aligned with batch["labels"]: logits[:, t] predicts labels[:, t + 1]."""
+        return model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                     attention_mask=batch["attention_mask"]).logits
+
+    # ---- captions
+    def generate(self, model, pixel_values, **generate_kwargs) -> torch.Tensor:
+        return model.generate(pixel_values=pixel_values, **generate_kwargs)
+
+    def generate_from_embeds(self, model, image_embeds, **generate_kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, ids) -> list[str]:
+        return [" ".join(t.split()) for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+
+    # ---- optional speed hooks
+    def vision_stages(self, model) -> list | None:
+        """The vision tower as a list of callables whose composition gives `image_embeds`, or None."""
+        return None
+
+    def prefix_shape(self, model, stages: int) -> tuple[int, ...]:
+        """Shape of one image's output after the first `stages` vision stages (0: the pixels)."""
+        raise NotImplementedError
+
+    def enable_sdpa(self, model) -> int:
+        """Switch attention to torch's fused SDPA where the family needs a patch; returns the count."""
+        return 0
+
+
+# ----------------------------------------------------------------------------- BLIP
+class Blip(Family):
+    """BlipForConditionalGeneration: a ViT, and a BERT decoder that cross-attends to its output."""
+
+    name = "blip"
+    model_types = ("blip",)
+    lora_targets = (  # the tutorial's: q/k/v of vision layers 6-9 and of text layers 5-6
+        *[f"vision_model.encoder.layers.{i}.self_attn.qkv" for i in (6, 7, 8, 9)],
+        *[f"text_decoder.bert.encoder.layer.{i}.attention.self.{p}" for i in (5, 6) for p in ("query", "key", "value")],
+    )
+    vision_modules = ("vision_model",)
+
+    def collate(self, examples: list[dict]) -> dict:
+        """Batch with per-batch padding. BLIP generates after a [DEC] token (bos_token_id), not the
+        [CLS] its tokenizer puts first, so position 0 becomes [DEC]; every pad is -100 in the labels.
+        Items whose vision prefix is cached come without pixels; `pixel_rows` says which have them."""
+        text = self.config.text_config
+        width = max(len(e["input_ids"]) for e in examples)
+        input_ids = torch.full((len(examples), width), text.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, e in enumerate(examples):
+            input_ids[row, : len(e["input_ids"])] = torch.as_tensor(e["input_ids"])
+            attention_mask[row, : len(e["input_ids"])] = 1
+        input_ids[:, 0] = text.bos_token_id
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        with_pixels = [row for row, e in enumerate(examples) if e.get("pixel_values") is not None]
+        return {
+            "index": torch.tensor([e["index"] for e in examples]),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_rows": torch.tensor(with_pixels, dtype=torch.long),
+            "pixel_values": torch.stack([examples[r]["pixel_values"] for r in with_pixels]) if with_pixels else None,
+        }
+
+    def logits(self, model, batch: dict, image_embeds=None) -> torch.Tensor:
+        if image_embeds is None:
+            image_embeds = run_stages(self.vision_stages(model), batch["pixel_values"])
+        return model.text_decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  encoder_hidden_states=image_embeds, use_cache=False).logits
+
+    def generate_from_embeds(self, model, image_embeds, **generate_kwargs) -> torch.Tensor:
+        """BLIP's generate() minus its vision forward: every caption starts with [DEC] and ends at
+        [SEP]. The text decoder's generate() does batching, beams and the KV cache."""
+        text = self.config.text_config
+        n = image_embeds.shape[0]
+        start = torch.full((n, 1), text.bos_token_id, dtype=torch.long, device=image_embeds.device)
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        return model.text_decoder.generate(input_ids=start, eos_token_id=text.sep_token_id,
+                                           pad_token_id=text.pad_token_id, encoder_hidden_states=image_embeds,
+                                           encoder_attention_mask=image_mask, **generate_kwargs)
+
+    def vision_stages(self, model) -> list:
+        """Embeddings, each encoder layer, the final layer norm: in order, `vision_model(x)[0]`."""
+        vision = model.vision_model
+        return [vision.embeddings, *vision.encoder.layers, vision.post_layernorm]
+
+    def prefix_shape(self, model, stages: int) -> tuple[int, ...]:
+        vc = model.config.vision_config
+        if stages == 0:
+            return (3, vc.image_size, vc.image_size)
+        return ((vc.image_size // vc.patch_size) ** 2 + 1, vc.hidden_size)  # patches + [CLS]
+
+    def enable_sdpa(self, model) -> int:
+        return enable_blip_sdpa(model)
+
+
+# ----------------------------------------------------------------------------- the registry
+FAMILIES = {cls.name: cls for cls in (Blip,)}
+
+# Families users ask for that transformers cannot train, and why; each gets its own one-line error.
+_NOT_SUPPORTED = {
+    "ofa": "OFA is not in transformers (the port by its authors is inference-only), so it cannot be "
+           "fine-tuned here",
+}
+
+
+def offline_hint(model_id: str, constant: str) -> str:
+    return (f"could not load {model_id!r} from the Hugging Face Hub or a local folder. "
+            f"Check your connection, or download it once (huggingface-cli download {model_id}) "
+            f"and set --{constant}=/path/to/local/copy")
+
+
+def family_class(model_type: str) -> type[Family]:
+    """The entry for a config's model_type, or a one-line error that lists the supported ones."""
+    for cls in FAMILIES.values():
+        if model_type in cls.model_types:
+            return cls
+    supported = ", ".join(t for cls in FAMILIES.values() for t in cls.model_types)
+    why = _NOT_SUPPORTED.get(model_type, "this toolkit has no entry for it yet")
+    raise UserError(f"model type {model_type!r} is not supported: {why}. Supported model types: {supported}")
+
+
+def load(model_id: str, constant: str = "MODEL_ID", processor_from: str | None = None) -> Family:
+    """The family entry for a model (from its config's model_type), with its processor loaded.
+    `processor_from` names another folder to take the processor from (one saved beside an adapter)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    try:
+        config = AutoConfig.from_pretrained(model_id)
+    except OSError:
+        raise UserError(offline_hint(model_id, constant)) from None
+    except ValueError as e:  # a config.json whose model_type transformers does not know
+        raise UserError(f"{model_id!r}: {str(e).splitlines()[0]}") from None
+    cls = family_class(config.model_type)
+    try:
+        processor = AutoProcessor.from_pretrained(processor_from or model_id)
+    except OSError:
+        raise UserError(offline_hint(processor_from or model_id, constant)) from None
+    return cls(config, processor)
+
+
+def base_model(model):
+    """The transformers model inside a peft wrapper (its LoRA layers included), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def run_stages(stages: list, hidden):
+    for stage in stages:
+        hidden = stage(hidden)
+    return hidden
+
+
+# ----------------------------------------------------------------------------- BLIP's SDPA patch
+# BLIP in transformers 5.x only has the eager attention path: it builds the full (heads x tokens x
+# tokens) probability matrix and keeps it for backward. torch's fused scaled_dot_product_attention
+# (SDPA) computes the same thing without materialising it. We switch existing module instances
+# over (their own qkv/query/key/value Linears still run, so LoRA wrappers on them still apply), and
+# fall back to the eager code whenever attention maps are asked for, since SDPA does not return them.
+def _attentions_requested(kwargs: dict) -> bool:
+    """True if this forward must return attention probabilities (output_attentions=True)."""
+    if kwargs.get("output_attentions"):
+        return True
+    try:  # transformers 5 records attentions with hooks; the active request lives in a context var
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
+
+
+def _sdpa(query, key, value, mask, dropout: float, scale: float | None = None):
+    """SDPA with an additive float mask cast to the query dtype (bf16 under autocast); bool kept."""
+    if mask is not None and mask.dtype.is_floating_point:
+        mask = mask.to(device=query.device, dtype=query.dtype)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale)
+
+
+def _vision_sdpa_forward(self, hidden_states, **kwargs):
+    """BlipAttention.forward (vision self-attention, fused qkv) on SDPA; same outputs, no probs."""
+    if _attentions_requested(kwargs):
+        return type(self).forward(self, hidden_states, **kwargs)
+    bsz, tgt_len, embed_dim = hidden_states.size()
+    qkv = self.qkv(hidden_states).reshape(bsz, tgt_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    dropout = self.dropout.p if self.training else 0.0
+    context = _sdpa(qkv[0], qkv[1], qkv[2], None, dropout, scale=self.scale)
+    context = context.transpose(1, 2).reshape(bsz, tgt_len, embed_dim)
+    return self.projection(context), None
+
+
+def _text_sdpa_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                       encoder_attention_mask=None, cache=None, **kwargs):
+    """BlipTextSelfAttention.forward (decoder self- and cross-attention) on SDPA.
+
+    The key/value cache handling is the eager method's, line for line; only the score/softmax/
+    weighted-sum part changes. Masks arrive already expanded to 4-D additive floats (causal for
+    self-attention) by BlipTextModel, so they pass straight through as SDPA's attn_mask.
+    """
+    if _attentions_requested(kwargs) or "past_key_values" in kwargs:
+        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
+                                  encoder_attention_mask, cache, **kwargs)
+    from transformers.cache_utils import EncoderDecoderCache
+
+    input_shape = hidden_states.shape[:-1]
+    query = self.query(hidden_states).view(*input_shape, -1, self.attention_head_size).transpose(1, 2)
+    is_cross = encoder_hidden_states is not None
+    mask = encoder_attention_mask if is_cross else attention_mask
+
+    is_updated = False
+    layer_cache = cache
+    if isinstance(cache, EncoderDecoderCache):
+        is_updated = cache.is_updated.get(self.layer_idx)
+        layer_cache = cache.cross_attention_cache if is_cross else cache.self_attention_cache
+    if is_cross and cache is not None and is_updated:  # image keys/values computed at the first step
+        key = layer_cache.layers[self.layer_idx].keys
+        value = layer_cache.layers[self.layer_idx].values
+    else:
+        states = encoder_hidden_states if is_cross else hidden_states
+        kv_shape = (*states.shape[:-1], -1, self.attention_head_size)
+        key = self.key(states).view(kv_shape).transpose(1, 2)
+        value = self.value(states).view(kv_shape).transpose(1, 2)
+        if cache is not None:
+            key, value = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs)
+            if is_cross and isinstance(cache, EncoderDecoderCache):
+                cache.is_updated[self.layer_idx] = True
+
+    dropout = self.dropout.p if self.training else 0.0
+    context = _sdpa(query, key, value, mask, dropout)  # default scale is 1/sqrt(head size), as eager
+    context = context.transpose(1, 2).reshape(*input_shape, self.all_head_size)
+    return context, None
+
+
+def enable_blip_sdpa(model, text: bool = True) -> int:
+    """Run BLIP's attention modules on torch SDPA; returns how many modules now use it.
+
+    Works on the plain model or through a peft wrapper (modules are found by type), before or
+    after get_peft_model. Calling it twice changes nothing. `text=False` keeps the text decoder
+    on eager attention and switches only the vision encoder.
+    """
+    from transformers.models.blip.modeling_blip import BlipAttention
+    from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
+
+    patches = [(BlipAttention, _vision_sdpa_forward)]
+    if text:
+        patches.append((BlipTextSelfAttention, _text_sdpa_forward))
+    switched = 0
+    for module in model.modules():
+        for cls, forward in patches:
+            if isinstance(module, cls):
+                # An instance attribute shadows the class method; the class's eager forward stays
+                # reachable as type(module).forward for the fallback above.
+                module.forward = types.MethodType(forward, module)
+                switched += 1
+    return switched
