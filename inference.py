@@ -27,7 +27,10 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+
 import common
+import families
 from common import UserError
 
 # ---- model
@@ -139,11 +142,6 @@ def read_batches(paths: list[Path], batch_size: int, skipped: list, log=print):
         yield batch
 
 
-def preprocess(processor, images):
-    """PIL images -> the pixel tensor the model sees (resized and normalised by the processor)."""
-    return processor(images=images, return_tensors="pt")["pixel_values"]
-
-
 # ----------------------------------------------------------------------------- loading
 def read_model_dir(adapter_dir) -> dict:
     """What train_blip.py left in ADAPTER_DIR: {"kind": "adapter"|"full", "base": the base it names}."""
@@ -167,32 +165,43 @@ def read_model_dir(adapter_dir) -> dict:
     )
 
 
-def load_base(base_id: str, why: str):
-    """The base BLIP in fp32; a failure names the base and the BASE_MODEL_ID constant."""
-    import torch
-
+def load_base(family, base_id: str, why: str):
+    """The base model in fp32; a failure names the base and the BASE_MODEL_ID constant."""
     try:
-        return common.load_model(base_id, "BASE_MODEL_ID", dtype=torch.float32)
+        return family.load_model(base_id, "BASE_MODEL_ID", dtype=torch.float32)
     except UserError as e:
         raise UserError(f"{why} {base_id!r}, which failed to load: {e}") from None
     except (ValueError, RuntimeError) as e:
         raise UserError(f"{why} {base_id!r}, which failed to load ({e}); set --BASE_MODEL_ID") from None
 
 
+def load_family(model_id: str, why: str, processor_from: str | None = None):
+    """families.load with the same message as load_base when the model cannot be reached."""
+    try:
+        return families.load(model_id, "BASE_MODEL_ID", processor_from)
+    except UserError as e:
+        raise UserError(f"{why} {model_id!r}, which failed to load: {e}") from None
+
+
 def load_captioner(adapter_dir, base_model_id=None, sdpa: bool = True):
-    """Load (model, processor, info) once, in fp32, in eval mode.
+    """Load (model, family, info) once, in fp32, in eval mode; the family holds the processor.
 
     - adapter folder: the base (BASE_MODEL_ID, else the one adapter_config.json names) wrapped by
       peft; `model.disable_adapter()` then gives the base captions from the same weights.
     - full-model folder (train_blip.py with USE_LORA=False): that model; info["base"] is
       BASE_MODEL_ID or None, and the base, if wanted, must be loaded separately (load_base).
+    A processor saved beside the adapter wins (train_blip.py saves it); else the base's own.
     """
     info = read_model_dir(adapter_dir)
     if info["kind"] == "adapter":
         base_id = base_model_id or info["base"]
         if not base_id:
             raise UserError(f"{adapter_dir}/adapter_config.json names no base model; set --BASE_MODEL_ID")
-        base = load_base(base_id, f"the adapter in {adapter_dir} was trained on")
+        why = f"the adapter in {adapter_dir} was trained on"
+        has_processor = any((Path(adapter_dir) / f).is_file()
+                            for f in ("processor_config.json", "preprocessor_config.json"))
+        family = load_family(base_id, why, str(adapter_dir) if has_processor else None)
+        base = load_base(family, base_id, why)
         from peft import PeftModel
 
         try:
@@ -205,20 +214,15 @@ def load_captioner(adapter_dir, base_model_id=None, sdpa: bool = True):
             ) from None
         info["base"] = base_id
     else:
-        model = common.load_model(str(adapter_dir), "ADAPTER_DIR")
+        family = families.load(str(adapter_dir), "ADAPTER_DIR")
+        model = family.load_model(str(adapter_dir), "ADAPTER_DIR")
         info["base"] = base_model_id
-    # A processor saved beside the adapter wins (train_blip.py saves it); else the base's own.
-    has_processor = any((Path(adapter_dir) / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))
-    source = str(adapter_dir) if has_processor or info["kind"] == "full" else info["base"]
-    processor = common.load_processor(source, "BASE_MODEL_ID" if source == info["base"] else "ADAPTER_DIR")
     if sdpa:  # fused attention: the same captions (tested against eager), about 1.6x faster on CPU
-        common.enable_sdpa(model)
-    return model.eval(), processor, info
+        family.enable_sdpa(model)
+    return model.eval(), family, info
 
 
 def pick_device(device: str) -> str:
-    import torch
-
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -226,132 +230,93 @@ def pick_device(device: str) -> str:
     return device
 
 
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
 def set_precision(model, precision: str, device: str = "cpu"):
     """Cast the model's weights (in place) for inference and return the torch dtype.
 
     Casting the weights beats autocast for generation: autocast re-casts every weight on every
     decoding step. 'auto' is bf16 only where the hardware runs it natively (common.resolve_precision)."""
-    import torch
-
     resolved = common.resolve_precision(precision, device.split(":")[0])
-    dtype = getattr(torch, _DTYPES[resolved])
+    dtype = common.torch_dtype(resolved)
     model.to(device=device, dtype=dtype)
     return dtype
 
 
-# ----------------------------------------------------------------------------- BLIP-specific pieces
-# Another model family replaces these five small functions; everything else stays.
-def blip_of(model):
-    """The BlipForConditionalGeneration inside a peft wrapper (LoRA layers included)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+# ----------------------------------------------------------------------------- captioning
+def first_adapted_stage(stages) -> int:
+    """Index of the first vision stage an adapter changes (the stage count if none).
 
-
-def first_adapted_vision_layer(model) -> int:
-    """Index of the first vision layer an adapter changes (the layer count if none).
-
-    Vision layers before it compute the same thing with the adapter on or off, so the base and
-    fine-tuned captions share them: all of the vision forward for a text-only adapter, layers
-    0-5 for the tutorial's adapter (it starts at layer 6)."""
+    Stages before it compute the same thing with the adapter on or off, so the base and fine-tuned
+    captions share them: the whole vision forward for a text-only adapter, BLIP's embeddings and
+    layers 0-5 for the tutorial's adapter (it starts at layer 6)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    vision = blip_of(model).vision_model
-    first = len(vision.encoder.layers)
-    for name, module in vision.named_modules():
-        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
-            m = re.match(r"encoder\.layers\.(\d+)\.", name)
-            first = min(first, int(m.group(1)) if m else 0)  # embeddings: nothing can be shared
-    return first
+    for i, stage in enumerate(stages):
+        if any(isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper)) for m in stage.modules()):
+            return i
+    return len(stages)
 
 
-def vision_prefix(blip, pixel_values, upto: int):
-    """Patch embeddings and vision layers [0, upto): the part that does not depend on the adapter."""
-    hidden = blip.vision_model.embeddings(pixel_values)
-    for layer in blip.vision_model.encoder.layers[:upto]:
-        hidden = layer(hidden)
-    return hidden
-
-
-def vision_rest(blip, hidden, start: int):
-    """Vision layers [start, end) and the final layer norm -> the image embeddings the decoder reads.
-    vision_rest(vision_prefix(x, k), k) equals blip.vision_model(x)[0] exactly, for any k."""
-    for layer in blip.vision_model.encoder.layers[start:]:
-        hidden = layer(hidden)
-    return blip.vision_model.post_layernorm(hidden)
-
-
-def decode_captions(blip, image_embeds, **generate_kwargs):
-    """BLIP's generate() minus its vision forward: every caption starts with [DEC] (BOS) and ends
-    at [SEP]. The text decoder's generate() does batching, beams and the KV cache (self- and
-    cross-attention keys/values are computed once, then reused for each new token)."""
-    import torch
-
-    text = blip.config.text_config
-    n = image_embeds.shape[0]
-    start = torch.full((n, 1), text.bos_token_id, dtype=torch.long, device=image_embeds.device)
-    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    return blip.text_decoder.generate(
-        input_ids=start,
-        eos_token_id=text.sep_token_id,
-        pad_token_id=text.pad_token_id,
-        encoder_hidden_states=image_embeds,
-        encoder_attention_mask=image_mask,
-        **generate_kwargs,
-    )
-
-
-# ----------------------------------------------------------------------------- captioning
-def generate_ids(model, pixel_values, compare_base: bool = False, **generate_kwargs):
+def generate_ids(model, family, pixel_values, compare_base: bool = False, **generate_kwargs):
     """Caption token ids for one batch: (fine-tuned, base or None).
 
-    The vision layers the adapter does not touch run once and feed both passes."""
-    import torch
+    Where the family exposes its vision stages, those the adapter does not touch run once and feed
+    both passes; otherwise each pass is the family's full generate()."""
     from peft import PeftModel
 
-    blip = blip_of(model)
+    base = families.base_model(model)
     is_peft = isinstance(model, PeftModel)
     if compare_base and not is_peft:
         raise ValueError("compare_base needs a peft model (an adapter to switch off)")
-    share = first_adapted_vision_layer(model) if is_peft else len(blip.vision_model.encoder.layers)
+    stages = family.vision_stages(base)
     with torch.inference_mode():
-        prefix = vision_prefix(blip, pixel_values, share)
-        tuned = decode_captions(blip, vision_rest(blip, prefix, share), **generate_kwargs)
-        base = None
+        if stages is None:
+            def caption():
+                return family.generate(base, pixel_values, **generate_kwargs)
+        else:
+            share = first_adapted_stage(stages) if is_peft else len(stages)
+            prefix = families.run_stages(stages[:share], pixel_values)
+
+            def caption():
+                image_embeds = families.run_stages(stages[share:], prefix)
+                return family.generate_from_embeds(base, image_embeds, **generate_kwargs)
+        tuned = caption()
+        base_ids = None
         if compare_base:
             with model.disable_adapter():
-                base = decode_captions(blip, vision_rest(blip, prefix, share), **generate_kwargs)
-    return tuned, base
+                base_ids = caption()
+    return tuned, base_ids
 
 
-def caption_batch(model, processor, images, compare_base=False, **generate_kwargs):
+def caption_batch(model, family, images, compare_base=False, **generate_kwargs):
     """One batch of PIL images -> (fine-tuned captions, base captions or None)."""
     param = next(model.parameters())
-    pixels = preprocess(processor, images).to(device=param.device, dtype=param.dtype)
-    ids = generate_ids(model, pixels, compare_base, **generate_kwargs)
-    return tuple(None if i is None else [" ".join(t.split()) for t in processor.batch_decode(i, skip_special_tokens=True)] for i in ids)
+    pixels = family.pixel_values(images).to(device=param.device, dtype=param.dtype)
+    ids = generate_ids(model, family, pixels, compare_base, **generate_kwargs)
+    return tuple(None if i is None else family.decode(i) for i in ids)
 
 
-def caption_images(model, processor, images, batch_size=BATCH_SIZE, precision=None, **generate_kwargs) -> list[str]:
+def caption_images(model, family, images, batch_size=BATCH_SIZE, precision=None, **generate_kwargs) -> list[str]:
     """Caption PIL images in batches with the model as it is (adapter on, for a peft model).
 
     precision=None keeps the model's dtype; "auto"/"fp32"/"bf16"/"fp16" casts it first (in place,
     see set_precision). generate_kwargs go to generate(): num_beams, max_new_tokens, do_sample, ..."""
     if precision is not None:
         set_precision(model, precision, str(next(model.parameters()).device))
-    return [c for i in range(0, len(images), batch_size) for c in caption_batch(model, processor, images[i : i + batch_size], **generate_kwargs)[0]]
+    captions = []
+    for i in range(0, len(images), batch_size):
+        captions += caption_batch(model, family, images[i : i + batch_size], **generate_kwargs)[0]
+    return captions
 
 
-def caption_images_with_base(model, processor, images, batch_size=BATCH_SIZE, precision=None, **generate_kwargs):
+def caption_images_with_base(model, family, images, batch_size=BATCH_SIZE, precision=None, **generate_kwargs):
     """Like caption_images, for a peft model: returns (fine-tuned captions, base captions), the
-    base ones with the adapter switched off, sharing the vision layers the adapter leaves alone."""
+    base ones with the adapter switched off, sharing the vision stages the adapter leaves alone."""
     if precision is not None:
         set_precision(model, precision, str(next(model.parameters()).device))
     tuned, base = [], []
     for i in range(0, len(images), batch_size):
-        t, b = caption_batch(model, processor, images[i : i + batch_size], compare_base=True, **generate_kwargs)
+        t, b = caption_batch(model, family, images[i : i + batch_size], compare_base=True, **generate_kwargs)
         tuned += t
         base += b
     return tuned, base
@@ -561,7 +526,7 @@ def export_merged(adapter_dir, base_model_id, out_dir) -> Path:
     """MERGE_TO: fold the adapter into the base weights (fp32) and save a standalone model plus
     the processor. It then loads with plain BlipForConditionalGeneration.from_pretrained(out_dir)."""
     out = check_merge_target(out_dir)
-    model, processor, info = load_captioner(adapter_dir, base_model_id, sdpa=False)
+    model, family, info = load_captioner(adapter_dir, base_model_id, sdpa=False)
     if info["kind"] != "adapter":
         raise UserError(f"MERGE_TO needs a LoRA adapter, but {adapter_dir} already holds a full model")
     merged = model.merge_and_unload()
@@ -569,7 +534,7 @@ def export_merged(adapter_dir, base_model_id, out_dir) -> Path:
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+    family.processor.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
@@ -599,15 +564,14 @@ def main(argv=None):
             raise UserError(f"MERGE_TO needs a LoRA adapter, but {cfg['ADAPTER_DIR']} already holds a full model")
     device = pick_device(cfg["DEVICE"])
 
-    import torch
     from tqdm import tqdm
 
-    model, processor, info = load_captioner(cfg["ADAPTER_DIR"], cfg["BASE_MODEL_ID"], cfg["SDPA"])
+    model, family, info = load_captioner(cfg["ADAPTER_DIR"], cfg["BASE_MODEL_ID"], cfg["SDPA"])
     base_model = None
     compare = cfg["COMPARE_BASE"]
     if compare and info["kind"] == "full":
         if info["base"]:  # a full fine-tune has no adapter to switch off: the base is a second model
-            base_model = load_base(info["base"], "BASE_MODEL_ID names").eval()
+            base_model = load_base(family, info["base"], "BASE_MODEL_ID names").eval()
         else:
             print(f"note: {cfg['ADAPTER_DIR']} holds a full model (USE_LORA=False): set --BASE_MODEL_ID to compare with a base; base captions skipped")
             compare = False
@@ -625,9 +589,10 @@ def main(argv=None):
     for batch in read_batches(paths, cfg["BATCH_SIZE"], skipped, log=tqdm.write):
         images = [im for _, im in batch]
         if base_model is None:
-            tuned, base = caption_batch(model, processor, images, compare, **generate_kwargs)
+            tuned, base = caption_batch(model, family, images, compare, **generate_kwargs)
         else:
-            tuned, base = caption_batch(model, processor, images, **generate_kwargs)[0], caption_batch(base_model, processor, images, **generate_kwargs)[0]
+            tuned = caption_batch(model, family, images, **generate_kwargs)[0]
+            base = caption_batch(base_model, family, images, **generate_kwargs)[0]
         for i, (path, image) in enumerate(batch):
             entry = {"file": path.name, "path": str(path), "fine_tuned": tuned[i]}
             if base is not None:

@@ -1,4 +1,4 @@
-"""Eager vs SDPA attention (common.enable_sdpa) on the full-size random BLIP-base, fp32 and bf16.
+"""Eager vs SDPA attention (families.enable_blip_sdpa) on the full-size random BLIP-base, fp32 and bf16.
 
     python benchmarks/bench_attention.py                   # vision forward + LoRA train step, about 5 minutes
     python benchmarks/bench_attention.py --BATCH_SIZE=1 --REPEATS=5
@@ -24,6 +24,7 @@ sys.path.insert(0, str(_HERE.parent))
 sys.path.insert(0, str(_HERE))
 
 import common  # noqa: E402
+import families  # noqa: E402
 from bench_train import ensure_random_blip, machine, repo_path  # noqa: E402
 
 MODEL_DIR = ".cache/blip-random-base"  # the random BLIP-base (built once, as in bench_train.py)
@@ -37,9 +38,7 @@ PARTS = ["vision", "train"]  # vision: encoder forward, no grad | train: one LoR
 FLUSH_DENORMALS = True  # as train_blip.py: random weights make denormal gradients, ~10x slower in fp32
 
 _VARIANTS = {"eager": None, "sdpa-vision": False, "sdpa-all": True}  # enable_sdpa(text=...)
-_LORA_TARGETS = [f"vision_model.encoder.layers.{i}.self_attn.qkv" for i in (6, 7, 8, 9)] + [
-    f"text_decoder.bert.encoder.layer.{i}.attention.self.{p}" for i in (5, 6) for p in ("query", "key", "value")
-]
+_LORA_TARGETS = list(families.Blip.lora_targets)  # the tutorial's
 
 
 def load_variant(model_dir: Path, text, train: bool):
@@ -50,7 +49,7 @@ def load_variant(model_dir: Path, text, train: bool):
     torch.manual_seed(0)
     model = BlipForConditionalGeneration.from_pretrained(model_dir)
     if text is not None:
-        common.enable_sdpa(model, text=text)
+        families.enable_blip_sdpa(model, text=text)
     if not train:
         return model.eval(), None
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=_LORA_TARGETS))

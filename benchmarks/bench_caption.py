@@ -24,6 +24,7 @@ sys.path.insert(0, str(_HERE.parent))
 sys.path.insert(0, str(_HERE))
 
 import common  # noqa: E402
+import families  # noqa: E402
 from bench_train import ensure_random_blip, machine, repo_path, run_measured  # noqa: E402
 
 # ---- model and images
@@ -43,9 +44,7 @@ OURS_PRECISION = "auto"  # auto (bf16 where native and faster) | fp32 | bf16
 RUN = "both"  # both | baseline | ours  (baseline-child / ours-child: used internally for the subprocesses)
 RESULTS_PATH = "benchmarks/results/caption.json"  # all figures, machine and commands (gitignored)
 
-_LORA_TARGETS = [f"vision_model.encoder.layers.{i}.self_attn.qkv" for i in (6, 7, 8, 9)] + [
-    f"text_decoder.bert.encoder.layer.{i}.attention.self.{p}" for i in (5, 6) for p in ("query", "key", "value")
-]
+_LORA_TARGETS = list(families.Blip.lora_targets)  # the tutorial's
 
 
 def ensure_adapter(model_dir: Path, adapter_dir: Path) -> Path:

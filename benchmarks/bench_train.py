@@ -35,6 +35,7 @@ _REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_REPO))
 
 import common  # noqa: E402
+import families  # noqa: E402
 
 # ---- model and data
 MODEL_DIR = ".cache/blip-random-base"  # built once from BlipConfig() + PROCESSOR_DIR if absent (gitignored)
@@ -46,9 +47,7 @@ NUM_IMAGES = 32  # training images (>= 8); both paths read the same captions.jso
 LORA_R = 16  # LoRA rank
 LORA_ALPHA = 32  # LoRA scale numerator
 LORA_DROPOUT = 0.05  # dropout on the LoRA input
-LORA_TARGETS = [f"vision_model.encoder.layers.{i}.self_attn.qkv" for i in (6, 7, 8, 9)] + [
-    f"text_decoder.bert.encoder.layer.{i}.attention.self.{p}" for i in (5, 6) for p in ("query", "key", "value")
-]  # the tutorial's target modules
+LORA_TARGETS = list(families.Blip.lora_targets)  # the tutorial's target modules
 LR = 3e-5  # AdamW learning rate
 GRAD_ACCUM = 4  # samples per optimizer step in the baseline (batch size 1)
 # ---- baseline timing

@@ -20,26 +20,19 @@ import torch
 from PIL import Image
 
 import common
+import families
 import inference
 from common import UserError
 from conftest import REPO, build_tiny_blip
 
-TUTORIAL_TARGETS = [f"vision_model.encoder.layers.{i}.self_attn.qkv" for i in (6, 7, 8, 9)] + [
-    f"text_decoder.bert.encoder.layer.{i}.attention.self.{p}" for i in (5, 6) for p in ("query", "key", "value")
-]
-TEXT_TARGETS = TUTORIAL_TARGETS[4:]
+TUTORIAL_TARGETS = list(families.Blip.lora_targets)
+TEXT_TARGETS = [t for t in TUTORIAL_TARGETS if t.startswith("text_decoder")]
 GREEDY = dict(num_beams=1, max_length=16, min_length=5)
 BEAMS = dict(num_beams=3, max_length=16, min_length=5)
 FAST = ["--PRECISION=fp32", "--MAX_LENGTH=16", "--NUM_BEAMS=1", "--REFERENCES=None"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and immune to a busy machine's thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -62,7 +55,7 @@ def base_dir(tmp_path_factory, blip_processor_dir) -> Path:
     init (std 0.02) a tiny random BLIP writes nearly the same caption for every image, which would
     make 'batched == one by one' pass for the wrong reason."""
     folder = build_tiny_blip(tmp_path_factory.mktemp("base"), blip_processor_dir)
-    model = common.load_model(str(folder))
+    model = families.load(str(folder)).load_model(str(folder))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -82,9 +75,10 @@ def train_adapter(base: Path, out: Path, targets, image_paths, steps=4, lr=1e-2,
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    processor = common.load_processor(str(base))
+    family = families.load(str(base))
+    processor = family.processor
     model = get_peft_model(
-        common.load_model(str(base)),
+        family.load_model(str(base)),
         LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets),
     )
     pics = [common.open_image(p) for p in image_paths]
@@ -109,8 +103,8 @@ def adapter_dir(tmp_path_factory, base_dir, images) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(adapter_dir):
-    model, processor, info = inference.load_captioner(adapter_dir)
-    return model, processor
+    model, family, info = inference.load_captioner(adapter_dir)
+    return model, family
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +122,10 @@ def run(tmp_path, *args):
 # ----------------------------------------------------------------------------- decoding
 @pytest.mark.parametrize("settings", [GREEDY, BEAMS], ids=["greedy", "beam3"])
 def test_decoding_is_deterministic_and_batching_changes_nothing(loaded, pics, settings):
-    model, processor = loaded
-    batched = inference.caption_images(model, processor, pics, batch_size=4, **settings)
-    assert batched == inference.caption_images(model, processor, pics, batch_size=4, **settings)
-    one_by_one = [inference.caption_images(model, processor, [p], batch_size=1, **settings)[0] for p in pics]
+    model, family = loaded
+    batched = inference.caption_images(model, family, pics, batch_size=4, **settings)
+    assert batched == inference.caption_images(model, family, pics, batch_size=4, **settings)
+    one_by_one = [inference.caption_images(model, family, [p], batch_size=1, **settings)[0] for p in pics]
     assert batched == one_by_one
     assert len(set(batched)) > 1, "captions should depend on the image, or this test proves nothing"
 
@@ -139,44 +133,90 @@ def test_decoding_is_deterministic_and_batching_changes_nothing(loaded, pics, se
 def test_shared_vision_forward_equals_blip_generate(loaded, pics):
     """Our path (vision prefix once, then the rest with the adapter on and off) gives exactly the
     token ids of BlipForConditionalGeneration.generate in each adapter state."""
-    model, processor = loaded
-    pixels = inference.preprocess(processor, pics[:3])
-    tuned, base = inference.generate_ids(model, pixels, compare_base=True, **BEAMS)
+    model, family = loaded
+    pixels = family.pixel_values(pics[:3])
+    tuned, base = inference.generate_ids(model, family, pixels, compare_base=True, **BEAMS)
     with torch.inference_mode():
         assert torch.equal(tuned, model.get_base_model().generate(pixel_values=pixels, **BEAMS))
         with model.disable_adapter():
             assert torch.equal(base, model.get_base_model().generate(pixel_values=pixels, **BEAMS))
 
 
-def test_first_adapted_vision_layer(tmp_path, base_dir, images, adapter_dir):
+def test_first_adapted_stage(tmp_path, base_dir, images, adapter_dir):
     text_only = train_adapter(base_dir, tmp_path / "text", TEXT_TARGETS, images[:2], steps=1)
     everything = train_adapter(base_dir, tmp_path / "all", "all-linear", images[:2], steps=1)
-    assert inference.first_adapted_vision_layer(inference.load_captioner(adapter_dir)[0]) == 6  # tutorial: layers 6-9
-    assert inference.first_adapted_vision_layer(inference.load_captioner(text_only)[0]) == 10  # all 10 layers shared
-    assert inference.first_adapted_vision_layer(inference.load_captioner(everything)[0]) == 0
+
+    def first(folder):
+        model, family, _ = inference.load_captioner(folder)
+        return inference.first_adapted_stage(family.vision_stages(model.get_base_model()))
+
+    assert first(adapter_dir) == 7  # tutorial: embeddings + layers 0-5 shared, layer 6 adapted
+    assert first(text_only) == 12  # embeddings, all 10 layers and the final norm shared
+    assert first(everything) == 1  # all-linear: only the (convolutional) patch embeddings are shared
 
 
 def test_base_toggle_really_switches(loaded, pics, base_dir):
-    model, processor = loaded
-    tuned, base = inference.caption_images_with_base(model, processor, pics, **GREEDY)
+    model, family = loaded
+    tuned, base = inference.caption_images_with_base(model, family, pics, **GREEDY)
     assert tuned != base  # the adapter changed something after a few steps
-    plain = common.load_model(str(base_dir)).eval()
-    assert base == inference.caption_images(plain, processor, pics, **GREEDY)
-    assert tuned == inference.caption_images(model, processor, pics, **GREEDY)  # toggle restored
+    plain = family.load_model(str(base_dir)).eval()
+    assert base == inference.caption_images(plain, family, pics, **GREEDY)
+    assert tuned == inference.caption_images(model, family, pics, **GREEDY)  # toggle restored
 
 
-def test_sampling_is_repeatable_with_seed(tmp_path, adapter_dir, images):
-    args = [f"--ADAPTER_DIR={adapter_dir}", f"--IMAGES={images[0].parent}", "--DO_SAMPLE=True", "--SEED=3"]
-    first = [r["fine_tuned"] for r in run(tmp_path, *args)["images"]]
-    assert first == [r["fine_tuned"] for r in run(tmp_path, *args)["images"]]
+def test_compare_base_runs_the_shared_vision_layers_once(loaded, pics):
+    """The README's claim: under COMPARE_BASE the vision layers the adapter leaves alone run once per
+    batch for both captions; the adapted ones (tutorial: layers 6-9 and after) run once per pass."""
+    model, family = loaded
+    vision = model.get_base_model().vision_model
+    calls = {"embeddings": 0, "layer 5": 0, "layer 6": 0}
+    hooks = [module.register_forward_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
+             for key, module in (("embeddings", vision.embeddings), ("layer 5", vision.encoder.layers[5]),
+                                 ("layer 6", vision.encoder.layers[6]))]
+    try:
+        inference.caption_images_with_base(model, family, pics[:4], batch_size=4, **GREEDY)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == {"embeddings": 1, "layer 5": 1, "layer 6": 2}
 
 
-def test_bf16_precision(loaded, pics, tmp_path, adapter_dir, images):
-    """PRECISION='auto' picks bf16 on CPUs whose bf16 matmuls beat fp32 (AMX, some avx512_bf16), else fp32."""
+def test_sampling_follows_seed_and_differs_from_greedy(tmp_path, adapter_dir, images):
+    """The tiny random decoder's next-token distribution is flat, so sampling really samples: the
+    same SEED repeats its captions, another SEED gives others, and neither is the greedy caption."""
+    args = [f"--ADAPTER_DIR={adapter_dir}", f"--IMAGES={images[0].parent}", "--COMPARE_BASE=False"]
+
+    def captions(*extra):
+        return [r["fine_tuned"] for r in run(tmp_path, *args, *extra)["images"]]
+
+    sampled = captions("--DO_SAMPLE=True", "--SEED=3", "--TEMPERATURE=1.0", "--TOP_P=1.0")
+    assert sampled == captions("--DO_SAMPLE=True", "--SEED=3", "--TEMPERATURE=1.0", "--TOP_P=1.0")
+    assert sampled != captions("--DO_SAMPLE=True", "--SEED=4", "--TEMPERATURE=1.0", "--TOP_P=1.0")
+    assert sampled != captions("--DO_SAMPLE=False")
+
+
+def test_bf16_runs_on_cpu_and_matches_fp32(loaded, pics, tmp_path, adapter_dir, images):
+    """PRECISION='bf16' forced, whatever the CPU probe would pick: the script runs in bf16, and the
+    model's next-token distribution stays within bf16 rounding of fp32."""
     out = inference.main([f"--ADAPTER_DIR={adapter_dir}", f"--IMAGES={images[0]}", "--SHOW=never", "--REFERENCES=None",
-                          "--MAX_LENGTH=12", f"--RESULTS_PATH={tmp_path / 'r.json'}", f"--FIGURE_PATH={tmp_path / 'f.png'}"])
-    assert out["model"]["dtype"] == ("bfloat16" if common.cpu_bf16_is_faster() else "float32")
-    assert out["images"][0]["fine_tuned"]
+                          "--MAX_LENGTH=12", "--PRECISION=bf16", f"--RESULTS_PATH={tmp_path / 'r.json'}",
+                          f"--FIGURE_PATH={tmp_path / 'f.png'}"])
+    assert out["model"]["dtype"] == "bfloat16" and out["images"][0]["fine_tuned"]
+
+    model, family = inference.load_captioner(adapter_dir)[:2]
+    pixels = family.pixel_values(pics[:2])
+    start = torch.full((2, 1), model.config.text_config.bos_token_id)
+
+    def next_token_probs():
+        dtype = next(model.parameters()).dtype
+        with torch.no_grad():
+            logits = model(pixel_values=pixels.to(dtype), input_ids=start).logits
+        return logits[:, -1].float().softmax(-1)
+
+    fp32 = next_token_probs()
+    assert inference.set_precision(model, "bf16") == torch.bfloat16
+    bf16 = next_token_probs()
+    assert (bf16 - fp32).abs().sum(-1).max() < 0.05  # total variation distance of the two distributions
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -258,8 +298,9 @@ def test_merge_to_gives_the_same_captions(tmp_path, adapter_dir, images):
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
     merged = BlipForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
-    processor = BlipProcessor.from_pretrained(tmp_path / "merged")
-    captions = inference.caption_images(merged, processor, [common.open_image(p) for p in images], num_beams=1, max_length=16, min_length=5)
+    family = families.Blip(merged.config, BlipProcessor.from_pretrained(tmp_path / "merged"))
+    captions = inference.caption_images(merged, family, [common.open_image(p) for p in images], num_beams=1,
+                                        max_length=16, min_length=5)
     assert captions == [r["fine_tuned"] for r in out["images"]]
     assert out["merged_to"] == str(tmp_path / "merged")
     (tmp_path / "not_a_model").mkdir()
@@ -414,12 +455,13 @@ def test_nasty_inputs_are_skipped_by_name_and_the_rest_captioned(tmp_path, adapt
 def test_the_model_sees_the_right_pixels(nasty, loaded):
     """Through inference's own reader and preprocessing: orientation, colour modes, 16-bit."""
     folder, _ = nasty
-    _, processor = loaded
+    _, family = loaded
+    processor = family.processor
     names = ["exif_rotated.jpg", "cmyk.jpg", "rgba.png", "palette.png", "gray16.png", "gray.jpg"]
     skipped = []
     batches = list(inference.read_batches([folder / n for n in names], 8, skipped))
     assert not skipped
-    pixels = inference.preprocess(processor, [im for _, im in batches[0]])
+    pixels = family.pixel_values([im for _, im in batches[0]])
     ip = processor.image_processor
     rgb = pixels * torch.tensor(ip.image_std).view(1, 3, 1, 1) + torch.tensor(ip.image_mean).view(1, 3, 1, 1)
     half = rgb.shape[-1] // 2

@@ -1,6 +1,6 @@
 """Exactness of the speed levers that live outside the three scripts.
 
-- common.enable_sdpa: the SDPA attention path gives the eager outputs (vision states, loss, logits,
+- families.enable_blip_sdpa: the SDPA attention path gives the eager outputs (vision states, loss, logits,
   LoRA gradients, generated captions) in fp32, before or after get_peft_model, and falls back to
   eager when attention maps are requested.
 - bf16 autocast: one training step's loss is within 2% of the fp32 loss on the same real batch.
@@ -19,37 +19,17 @@ import pytest
 import torch
 
 import common
+import families
+from download_coco import add_mistakes
 
-# The tutorial's LoRA targets (they exist in the tiny BLIP too).
-TARGETS = [f"vision_model.encoder.layers.{i}.self_attn.qkv" for i in (6, 7, 8, 9)] + [
-    f"text_decoder.bert.encoder.layer.{i}.attention.self.{p}" for i in (5, 6) for p in ("query", "key", "value")
-]
+TARGETS = list(families.Blip.lora_targets)  # the tutorial's (they exist in the tiny BLIP too)
 N_IMAGES = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to split across threads; one thread is as fast and does
-    not crawl when other processes share the cores. Restored afterwards for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _mistake(caption: str) -> str:
-    """The tutorial's rule (download_coco.add_mistakes is the real one; this keeps the test standalone)."""
-    text = " ".join(caption.split())
-    for old, new in ((" a ", " "), (" an ", " "), (" the ", " thwisss "), (" is ", " iz ")):
-        text = text.replace(old, new)
-    return text + " thwisss iz funny."
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def training_batch(model_dir, coco_mirror, n_images=N_IMAGES):
     """A batch as training sees it: mirror photos, their first captions with the mistakes, the real
     tokenizer, [DEC] BOS at position 0 and pads masked out of the labels."""
-    from transformers import BlipProcessor
-
     with zipfile.ZipFile(coco_mirror / "annotations" / "annotations_trainval2017.zip") as z:
         ann = json.loads(z.read("annotations/captions_val2017.json"))
     names = {im["id"]: im["file_name"] for im in ann["images"]}
@@ -57,14 +37,13 @@ def training_batch(model_dir, coco_mirror, n_images=N_IMAGES):
     for a in ann["annotations"]:
         first.setdefault(names[a["image_id"]], a["caption"])
     files = sorted(first)[:n_images]
-    processor = BlipProcessor.from_pretrained(model_dir)
+    family = families.load(str(model_dir))
     images = [common.open_image(coco_mirror / "val2017" / f) for f in files]
-    enc = processor(images=images, text=[_mistake(first[f]) for f in files], padding=True, return_tensors="pt")
-    input_ids = enc.input_ids.clone()
-    input_ids[:, 0] = 30522  # text_config.bos_token_id, as generate() starts
-    labels = input_ids.masked_fill(enc.attention_mask == 0, -100)
-    assert (labels == -100).any(), "captions of different lengths should give some padding"
-    return dict(pixel_values=enc.pixel_values, input_ids=input_ids, attention_mask=enc.attention_mask, labels=labels)
+    ids = family.tokenize([add_mistakes(first[f]) for f in files], 64)
+    batch = family.collate([{"index": i, "input_ids": x, "pixel_values": p}
+                            for i, (x, p) in enumerate(zip(ids, family.pixel_values(images)))])
+    assert (batch["labels"] == -100).any(), "captions of different lengths should give some padding"
+    return {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "labels")}
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +59,10 @@ def _load(model_dir, sdpa: str | None = None):
     torch.manual_seed(0)  # peft draws the LoRA A matrices at random
     model = BlipForConditionalGeneration.from_pretrained(model_dir)
     if sdpa == "before":
-        assert common.enable_sdpa(model) == 10 + 2 * 7  # vision layers + text self/cross per layer
+        assert families.enable_blip_sdpa(model) == 10 + 2 * 7  # vision layers + text self/cross per layer
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS))
     if sdpa == "after":
-        assert common.enable_sdpa(model) == 10 + 2 * 7
+        assert families.enable_blip_sdpa(model) == 10 + 2 * 7
     # peft starts B at zero, which makes every A gradient zero; give B seeded values so the
     # gradient check covers both matrices.
     gen = torch.Generator().manual_seed(0)
@@ -119,6 +98,23 @@ def _reference(model, batch) -> dict:
     return dict(model=model, out=out, grads=grads, bf16=bf16, bf16_grads=bf16_grads, captions=captions)
 
 
+@contextlib.contextmanager
+def counting_sdpa():
+    """Count calls of torch's fused attention: proof that the patched path really runs."""
+    real = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = counted
+    try:
+        yield calls
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
+
+
 @pytest.fixture(scope="module")
 def eager(tiny_blip_dir, real_batch):
     return _reference(_load(tiny_blip_dir), real_batch)
@@ -126,7 +122,13 @@ def eager(tiny_blip_dir, real_batch):
 
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_sdpa_matches_eager_in_fp32(tiny_blip_dir, real_batch, eager, when):
-    sdpa = _reference(_load(tiny_blip_dir, sdpa=when), real_batch)
+    with counting_sdpa() as calls, torch.no_grad():
+        eager["model"].eval()(**real_batch)
+    assert not calls  # BLIP's own attention is eager: the comparison below is eager vs SDPA
+    with counting_sdpa() as calls:
+        sdpa = _reference(_load(tiny_blip_dir, sdpa=when), real_batch)
+    # Two training steps (fp32, bf16) run 10 vision + 7 text self + 7 text cross attentions each.
+    assert len(calls) >= 2 * (10 + 7 + 7), len(calls)
     out_e, out_s = eager["out"], sdpa["out"]
     torch.testing.assert_close(out_s.last_hidden_state, out_e.last_hidden_state, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out_s.logits, out_e.logits, rtol=1e-5, atol=1e-5)
@@ -186,9 +188,9 @@ def test_enable_sdpa_is_idempotent_and_can_skip_text(tiny_blip_dir):
     from transformers import BlipForConditionalGeneration
 
     model = BlipForConditionalGeneration.from_pretrained(tiny_blip_dir)
-    assert common.enable_sdpa(model, text=False) == 10
-    assert common.enable_sdpa(model) == 24
-    assert common.enable_sdpa(model) == 24
+    assert families.enable_blip_sdpa(model, text=False) == 10
+    assert families.enable_blip_sdpa(model) == 24
+    assert families.enable_blip_sdpa(model) == 24
 
 
 def test_bf16_step_loss_within_2_percent_of_fp32(tiny_blip_dir, real_batch, eager):
