@@ -84,14 +84,30 @@ def find_images(spec) -> list[Path]:
     elif path.is_file():
         files = [path]
     elif any(c in str(spec) for c in "*?["):
-        import glob
-
-        files = sorted(Path(f) for f in glob.glob(os.path.expanduser(str(spec)), recursive=True) if not Path(f).is_dir())
+        files = glob_files(path)
     else:
         raise UserError(f"IMAGES={spec!r}: no such file or folder")
     if not files:
         raise UserError(f"IMAGES={spec!r}: no image files found there ({', '.join(_IMAGE_SUFFIXES)})")
     return files
+
+
+def glob_files(pattern: Path) -> list[Path]:
+    """The files a glob matches, sorted. `**` never descends into a symlinked folder: glob.glob's
+    does, and hangs for good on a link that points back up (dir/loop -> dir). Like glob.glob,
+    `*` skips hidden names unless the pattern spells the dot."""
+    parts = pattern.parts
+    first_magic = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    root, rest = Path(*parts[:first_magic]) if first_magic else Path("."), list(parts[first_magic:])
+    if rest[-1] == "**":  # glob.glob's "dir/**" lists the files too; pathlib's only the folders
+        rest.append("*")
+    hidden_ok = any(part.startswith(".") for part in rest)
+    found = set()
+    for f in root.glob("/".join(rest)):  # pathlib: ** does not follow symlinks (3.11 and later)
+        relative = f.relative_to(root).parts
+        if not f.is_dir() and (hidden_ok or not any(name.startswith(".") for name in relative)):
+            found.add(f)
+    return sorted(found)
 
 
 def default_references(files: list[Path]) -> Path | None:
