@@ -162,7 +162,8 @@ def preprocess(processor, images):
 
 # ----------------------------------------------------------------------------- loading
 def read_model_dir(adapter_dir) -> dict:
-    """What train_blip.py left in ADAPTER_DIR: {"kind": "adapter"|"full", "base": the base it names}."""
+    """What train_blip.py left in ADAPTER_DIR: {"kind": "adapter"|"full", "base": the base it names,
+    "targets": an adapter's target_modules}. A damaged adapter config fails here, before any model loads."""
     folder = Path(adapter_dir)
     if not folder.exists():
         raise UserError(
@@ -174,13 +175,65 @@ def read_model_dir(adapter_dir) -> dict:
             config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"{folder / 'adapter_config.json'} is unreadable ({e}); rerun train_blip.py") from None
-        return {"kind": "adapter", "base": config.get("base_model_name_or_path")}
+        problem = adapter_config_problem(config)
+        if problem:
+            raise UserError(f"{folder / 'adapter_config.json'} is invalid ({problem}); rerun train_blip.py")
+        if not any((folder / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise UserError(f"{folder} has adapter_config.json but no adapter_model.safetensors: "
+                            f"let train_blip.py finish, or rerun it")
+        base, targets = config.get("base_model_name_or_path"), config.get("target_modules")
+        return {"kind": "adapter", "base": base, "targets": targets}
     if (folder / "config.json").is_file():
         return {"kind": "full", "base": None}
     raise UserError(
         f"ADAPTER_DIR={str(adapter_dir)!r} holds neither adapter_config.json (LoRA) nor config.json "
         f"(full model): run train_blip.py first, or let it finish"
     )
+
+
+def adapter_config_problem(config) -> str | None:
+    """What is wrong with an adapter_config.json's values, or None. peft itself would only fail
+    later, deep inside, with a TypeError such as "'<=' not supported between 'str' and 'int'"."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if not isinstance(config, dict):
+        return "not a JSON object"
+    checks = {
+        "r": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+        "lora_alpha": number,
+        "lora_dropout": lambda v: number(v) and 0 <= v < 1,
+        "target_modules": lambda v: v is None or isinstance(v, str) or (
+            isinstance(v, list) and all(isinstance(t, str) for t in v)),
+        "base_model_name_or_path": lambda v: v is None or isinstance(v, str),
+        "peft_type": lambda v: isinstance(v, str),
+    }
+    for key, ok in checks.items():
+        if key in config and not ok(config[key]):
+            return f"{key}={config[key]!r}"
+    return None
+
+
+def same_model(a, b) -> bool:
+    """Whether two model ids/folders name the same model (local folders compared resolved)."""
+    if a is None or b is None:
+        return a == b
+    pa, pb = Path(os.path.expanduser(str(a))), Path(os.path.expanduser(str(b)))
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return str(a) == str(b)
+
+
+def missing_target(model, targets) -> str | None:
+    """One adapter target module that names nothing in the model (peft matches a name or its
+    dotted suffix), or None; a regex string is returned as is."""
+    if isinstance(targets, str):
+        return None if targets == "all-linear" else targets
+    names = [name for name, _ in model.named_modules()]
+    for target in targets or ():
+        if not any(n == target or n.endswith("." + target) for n in names):
+            return target
+    return None
 
 
 def load_base(base_id: str, why: str):
@@ -210,14 +263,27 @@ def load_captioner(adapter_dir, base_model_id=None, sdpa: bool = True):
             raise UserError(f"{adapter_dir}/adapter_config.json names no base model; set --BASE_MODEL_ID")
         base = load_base(base_id, f"the adapter in {adapter_dir} was trained on")
         from peft import PeftModel
+        from safetensors import SafetensorError
 
+        # Suggest BASE_MODEL_ID only when it points away from the base the adapter names.
+        hint = ("set --BASE_MODEL_ID to the model it was trained on" if not same_model(base_id, info["base"])
+                else "rerun train_blip.py")
         try:
             model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-        except (ValueError, RuntimeError, KeyError) as e:
-            first_line = str(e).strip().splitlines()[0][:300]
+        except SafetensorError as e:
+            raise UserError(f"{Path(adapter_dir) / 'adapter_model.safetensors'} is damaged ({e}); "
+                            f"rerun train_blip.py") from None
+        except (ValueError, RuntimeError, KeyError, TypeError) as e:
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            missing = missing_target(base, info.get("targets"))
+            if missing:
+                raise UserError(f"the adapter in {adapter_dir} targets modules that are not in the base "
+                                f"{base_id!r} (e.g. {missing!r}); {hint}") from None
+            if isinstance(e, (TypeError, KeyError)):  # a value peft cannot use, e.g. an unknown peft_type
+                raise UserError(f"{Path(adapter_dir) / 'adapter_config.json'} is invalid ({first_line}); "
+                                f"rerun train_blip.py") from None
             raise UserError(
-                f"the adapter in {adapter_dir} does not fit the base {base_id!r} ({first_line}); "
-                f"set --BASE_MODEL_ID to the model it was trained on"
+                f"the adapter in {adapter_dir} does not fit the base {base_id!r} ({first_line}); {hint}"
             ) from None
         info["base"] = base_id
     else:
