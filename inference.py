@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import textwrap
 import time
 import warnings
@@ -61,10 +62,13 @@ FIGURE_PATH = "inference_results.png"  # the grid of images with their captions
 FIGURE_MAX_IMAGES = 16  # the figure shows the first N images; all of them are in RESULTS_PATH
 RESULTS_PATH = "inference_results.json"  # captions, skipped files, metrics, the before/after table
 MERGE_TO = None  # a folder: also save base+adapter merged into one standalone model (+ processor)
+_NONE_OK = ("REFERENCES",)  # settings whose None is documented above although their default is not None
 
 # The injected style (download_coco.py's mistake rule) that the style-adoption rate looks for.
 _STYLE_SUFFIX = "thwisss iz funny"
 _STYLE_TOKENS = ("thwisss", "iz")
+# What MERGE_TO carries so a later run knows it may replace that folder (and nothing else).
+_MERGE_MARKER = "merged_by_inference.json"
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -631,29 +635,70 @@ def show_figure(fig, log=print) -> None:
 
 
 # ----------------------------------------------------------------------------- export
-def check_merge_target(out_dir) -> Path:
-    """MERGE_TO may be new, empty, or an earlier export (replaced); never some other folder."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
-        raise UserError(f"MERGE_TO={str(out_dir)!r} exists and is not a model folder; choose another")
+def _overlaps(a: Path, b: Path) -> bool:
+    """Whether one of two resolved paths is the other or lies inside it."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_merge_target(out_dir, adapter_dir=None, base_id=None, keep=()) -> Path:
+    """MERGE_TO may be new, empty, or an earlier export of this script (it carries _MERGE_MARKER
+    and nothing else than what the export wrote); never the current folder, the adapter's or a
+    local base model's folder, anything inside or around them, or a folder holding `keep` files."""
+    out = Path(os.path.expanduser(str(out_dir)))
+    where = out.resolve()
+    if where == Path.cwd().resolve() or where == Path(where.anchor):
+        raise UserError(f"MERGE_TO={str(out_dir)!r} is the current or root folder; name a new folder")
+    guarded = [(folder, what) for folder, what in ((adapter_dir, "ADAPTER_DIR"), (base_id, "the base model's folder"))
+               if folder and Path(os.path.expanduser(str(folder))).exists()]  # a hub id is no folder of ours
+    for other, what in guarded + list(keep):  # keep: (path, constant) of outputs written before the export
+        if _overlaps(where, Path(os.path.expanduser(str(other))).resolve()):
+            raise UserError(f"MERGE_TO={str(out_dir)!r} overlaps {what} ({other}); name a separate folder")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UserError(f"MERGE_TO={str(out_dir)!r} exists and is not a folder; choose another")
+    if out.is_dir() and any(out.iterdir()):
+        marker = out / _MERGE_MARKER
+        try:
+            written = set(json.loads(marker.read_text(encoding="utf-8"))["files"])
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            raise UserError(f"MERGE_TO={str(out_dir)!r} exists and is not a model folder exported by "
+                            f"inference.py (no {_MERGE_MARKER}); choose a new or empty folder") from None
+        extra = sorted(p.name for p in out.iterdir() if p.name not in written | {_MERGE_MARKER})
+        if extra:
+            raise UserError(f"MERGE_TO={str(out_dir)!r} holds {extra[0]!r}, which inference.py did not "
+                            f"write; move it or choose another folder")
     return out
 
 
-def export_merged(adapter_dir, base_model_id, out_dir) -> Path:
+def export_merged(adapter_dir, base_model_id, out_dir, keep=()) -> Path:
     """MERGE_TO: fold the adapter into the base weights (fp32) and save a standalone model plus
     the processor. It then loads with plain BlipForConditionalGeneration.from_pretrained(out_dir)."""
-    out = check_merge_target(out_dir)
     model, processor, info = load_captioner(adapter_dir, base_model_id, sdpa=False)
     if info["kind"] != "adapter":
         raise UserError(f"MERGE_TO needs a LoRA adapter, but {adapter_dir} already holds a full model")
+    out = check_merge_target(out_dir, adapter_dir, info["base"], keep)
     merged = model.merge_and_unload()
-    # Save beside, then swap in: a crash never leaves a half-written model at MERGE_TO.
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    # Save into a fresh folder of our own beside MERGE_TO, then swap it in: a crash never leaves a
+    # half-written model at MERGE_TO, and nothing is removed that this call did not create or check.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    old = None
+    try:
+        merged.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        marker = {"written_by": "inference.py", "adapter_dir": str(Path(adapter_dir).resolve()),
+                  "base_model": str(info["base"]), "files": sorted(p.name for p in tmp.iterdir())}
+        common.atomic_write_json(tmp / _MERGE_MARKER, marker)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old.", suffix=".tmp"))
+            os.replace(out, old)  # the checked earlier export (or an empty folder) steps aside
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            os.replace(old, out)  # put the earlier export back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -668,15 +713,18 @@ def main(argv=None):
         raise UserError("need BATCH_SIZE >= 1, NUM_BEAMS >= 1 and MAX_LENGTH > MIN_LENGTH")
 
     # Everything that can fail cheaply fails before the model loads.
-    kind = read_model_dir(cfg["ADAPTER_DIR"])["kind"]
+    model_dir = read_model_dir(cfg["ADAPTER_DIR"])
+    kind = model_dir["kind"]
     paths = find_images(cfg["IMAGES"])
     ref_path = default_references(paths) if cfg["REFERENCES"] == "auto" else cfg["REFERENCES"]
     references = load_references(ref_path) if ref_path else {}
     for key in ("RESULTS_PATH", "FIGURE_PATH"):
         common.check_writable(Path(cfg[key]).resolve().parent, key)
+    keep = [(cfg[key], key) for key in ("RESULTS_PATH", "FIGURE_PATH")]  # written before MERGE_TO replaces it
     if cfg["MERGE_TO"]:
+        base_id = cfg["BASE_MODEL_ID"] or model_dir["base"]
+        check_merge_target(cfg["MERGE_TO"], cfg["ADAPTER_DIR"], base_id, keep)
         common.check_writable(Path(cfg["MERGE_TO"]).resolve().parent, "MERGE_TO")
-        check_merge_target(cfg["MERGE_TO"])
         if kind != "adapter":
             raise UserError(f"MERGE_TO needs a LoRA adapter, but {cfg['ADAPTER_DIR']} already holds a full model")
     device = pick_device(cfg["DEVICE"])
@@ -771,12 +819,18 @@ def main(argv=None):
         "references": str(ref_path) if ref_path else None,
         "merged_to": None,
     }
+    common.atomic_write_json(cfg["RESULTS_PATH"], out)  # before the export: a failed export loses nothing
+    print(f"results: {cfg['RESULTS_PATH']}  figure: {cfg['FIGURE_PATH']}")
     if cfg["MERGE_TO"]:
         del model, base_model  # the export reloads in fp32, so free this copy first
-        out["merged_to"] = str(export_merged(cfg["ADAPTER_DIR"], cfg["BASE_MODEL_ID"], cfg["MERGE_TO"]))
+        try:
+            merged = export_merged(cfg["ADAPTER_DIR"], cfg["BASE_MODEL_ID"], cfg["MERGE_TO"], keep)
+        except OSError as e:  # e.g. a full disk
+            raise UserError(f"could not save the merged model to MERGE_TO={str(cfg['MERGE_TO'])!r} "
+                            f"({e.strerror or e}); the captions are saved in {cfg['RESULTS_PATH']}") from None
+        out["merged_to"] = str(merged)
+        common.atomic_write_json(cfg["RESULTS_PATH"], out)
         print(f"merged model saved to {out['merged_to']} (load it with BlipForConditionalGeneration.from_pretrained)")
-    common.atomic_write_json(cfg["RESULTS_PATH"], out)
-    print(f"results: {cfg['RESULTS_PATH']}  figure: {cfg['FIGURE_PATH']}")
     if fig.canvas.manager is not None:  # a pyplot figure: SHOW asked for a window
         show_figure(fig)
     return out
