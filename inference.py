@@ -648,7 +648,8 @@ def check_merge_target(out_dir, adapter_dir=None, base_id=None, keep=()) -> Path
     where = out.resolve()
     if where == Path.cwd().resolve() or where == Path(where.anchor):
         raise UserError(f"MERGE_TO={str(out_dir)!r} is the current or root folder; name a new folder")
-    guarded = [(folder, what) for folder, what in ((adapter_dir, "ADAPTER_DIR"), (base_id, "the base model's folder"))
+    owners = ((adapter_dir, "ADAPTER_DIR"), (base_id, "the base model's folder"))
+    guarded = [(folder, what) for folder, what in owners
                if folder and Path(os.path.expanduser(str(folder))).exists()]  # a hub id is no folder of ours
     for other, what in guarded + list(keep):  # keep: (path, constant) of outputs written before the export
         if _overlaps(where, Path(os.path.expanduser(str(other))).resolve()):
