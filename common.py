@@ -10,7 +10,9 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import math
 import os
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -45,19 +47,30 @@ def _parse_value(text: str) -> Any:
     """`--X=3` -> 3, `--X=[1,2]` -> [1, 2], `--X=None` -> None, `--X=hello` -> 'hello'."""
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    # Everything literal_eval raises: e.g. '-' * 5000 + '1' is a RecursionError, '{[]: 1}' a TypeError.
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return text
 
 
-def _coerce(name: str, default: Any, value: Any) -> Any:
-    """Check an override against the type of its default (nanoGPT's rule, plus int -> float)."""
-    if default is None or value is None:
+def _coerce(name: str, default: Any, value: Any, none_ok: bool = False) -> Any:
+    """Check an override against the type of its default (nanoGPT's rule, plus int -> float).
+
+    None is accepted only where the default is None or the script lists the name in _NONE_OK."""
+    if value is None:
+        if default is None or none_ok:
+            return None
+        kind = type(default).__name__
+        raise UserError(f"--{name}=None: {name} cannot be None; expected {kind} like the default {default!r}")
+    if default is None:
         return value
+    if isinstance(default, float) and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"--{name}={value!r}: expected a finite number like the default {default!r}")
     if isinstance(default, bool) or isinstance(value, bool):
         if isinstance(default, bool) and isinstance(value, bool):
             return value
     elif isinstance(default, float) and isinstance(value, int):
-        return float(value)
+        if abs(value) < 2**1023:  # float() of a larger int overflows
+            return float(value)
     elif isinstance(default, (list, tuple)) and isinstance(value, str) and "," in value:
         return type(default)(v.strip() for v in value.split(","))
     elif isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
@@ -68,9 +81,8 @@ def _coerce(name: str, default: Any, value: Any) -> Any:
         return str(value)  # e.g. --RESUME=3 where a path-like string is expected
     if isinstance(default, (list, tuple)) and isinstance(value, str):
         return type(default)([value])
-    raise UserError(
-        f"--{name}={value!r}: expected {type(default).__name__} like the default {default!r}"
-    )
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."  # one short line
+    raise UserError(f"--{name}={shown}: expected {type(default).__name__} like the default {default!r}")
 
 
 def defaults_of(module_globals: dict) -> dict:
@@ -87,8 +99,11 @@ def configure(module_globals: dict, argv: list[str] | None, doc: str | None = No
 
     An unknown NAME is an error that lists the valid ones; `-h/--help` prints the docstring
     and the constants. The module's globals are never modified, so tests can call main() twice.
+    `--NAME=None` is accepted where the default is None, or where the script documents None for
+    a constant with another default by listing its name in a module-level `_NONE_OK` tuple.
     """
     cfg = dict(defaults_of(module_globals))
+    none_ok = set(module_globals.get("_NONE_OK", ()))
     argv = sys.argv[1:] if argv is None else list(argv)
     for arg in argv:
         if arg in ("-h", "--help"):
@@ -101,7 +116,7 @@ def configure(module_globals: dict, argv: list[str] | None, doc: str | None = No
         name, text = arg[2:].split("=", 1)
         if name not in cfg:
             raise UserError(f"unknown setting --{name}; valid names: {', '.join(cfg)}")
-        cfg[name] = _coerce(name, cfg[name], _parse_value(text))
+        cfg[name] = _coerce(name, cfg[name], _parse_value(text), name in none_ok)
     return cfg
 
 
@@ -114,12 +129,36 @@ def print_config(cfg: dict, title: str) -> None:
 
 
 # ----------------------------------------------------------------------------- files
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux: /proc), else by a set-and-restore."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the only portable way to read it (briefly set, then restored)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path) -> int:
+    """An existing file keeps its permissions; a new one gets what open() would give (0o666 & ~umask)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: whole or absent."""
+    """Write to a temporary file in the same folder, fsync, then rename: whole or absent.
+
+    mkstemp creates the file 0600; it gets normal permissions (see _mode_for) before the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _mode_for(path))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -147,14 +186,24 @@ def check_writable(folder: str | os.PathLike, constant: str) -> Path:
 
 
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
-    """Put a finished folder in place of `final` (an older one is removed first): written beside,
-    then one rename, so a crash never leaves a half-written folder under the final name."""
+    """Put a finished folder in place of `final`: written beside, then renamed, so a crash never
+    leaves a half-written folder under the final name. An older `final` steps aside first and is
+    put back if the rename fails, then removed."""
     import shutil
 
     final = Path(final)
+    old = None
     if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+        old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old.", suffix=".tmp"))
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 

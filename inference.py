@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import textwrap
 import time
 import warnings
@@ -64,10 +65,13 @@ FIGURE_PATH = "inference_results.png"  # the grid of images with their captions
 FIGURE_MAX_IMAGES = 16  # the figure shows the first N images; all of them are in RESULTS_PATH
 RESULTS_PATH = "inference_results.json"  # captions, skipped files, metrics, the before/after table
 MERGE_TO = None  # a folder: also save base+adapter merged into one standalone model (+ processor)
+_NONE_OK = ("REFERENCES",)  # settings whose None is documented above although their default is not None
 
 # The injected style (download_coco.py's mistake rule) that the style-adoption rate looks for.
 _STYLE_SUFFIX = "thwisss iz funny"
 _STYLE_TOKENS = ("thwisss", "iz")
+# What MERGE_TO carries so a later run knows it may replace that folder (and nothing else).
+_MERGE_MARKER = "merged_by_inference.json"
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -87,14 +91,30 @@ def find_images(spec) -> list[Path]:
     elif path.is_file():
         files = [path]
     elif any(c in str(spec) for c in "*?["):
-        import glob
-
-        files = sorted(Path(f) for f in glob.glob(os.path.expanduser(str(spec)), recursive=True) if not Path(f).is_dir())
+        files = glob_files(path)
     else:
         raise UserError(f"IMAGES={spec!r}: no such file or folder")
     if not files:
         raise UserError(f"IMAGES={spec!r}: no image files found there ({', '.join(_IMAGE_SUFFIXES)})")
     return files
+
+
+def glob_files(pattern: Path) -> list[Path]:
+    """The files a glob matches, sorted. `**` never descends into a symlinked folder: glob.glob's
+    does, and hangs for good on a link that points back up (dir/loop -> dir). Like glob.glob,
+    `*` skips hidden names unless the pattern spells the dot."""
+    parts = pattern.parts
+    first_magic = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    root, rest = Path(*parts[:first_magic]) if first_magic else Path("."), list(parts[first_magic:])
+    if rest[-1] == "**":  # glob.glob's "dir/**" lists the files too; pathlib's only the folders
+        rest.append("*")
+    hidden_ok = any(part.startswith(".") for part in rest)
+    found = set()
+    for f in root.glob("/".join(rest)):  # pathlib: ** does not follow symlinks (3.11 and later)
+        relative = f.relative_to(root).parts
+        if not f.is_dir() and (hidden_ok or not any(name.startswith(".") for name in relative)):
+            found.add(f)
+    return sorted(found)
 
 
 def default_references(files: list[Path]) -> Path | None:
@@ -144,7 +164,8 @@ def read_batches(paths: list[Path], batch_size: int, skipped: list, log=print):
 
 # ----------------------------------------------------------------------------- loading
 def read_model_dir(adapter_dir) -> dict:
-    """What train_blip.py left in ADAPTER_DIR: {"kind": "adapter"|"full", "base": the base it names}."""
+    """What train_blip.py left in ADAPTER_DIR: {"kind": "adapter"|"full", "base": the base it names,
+    "targets": an adapter's target_modules}. A damaged adapter config fails here, before any model loads."""
     folder = Path(adapter_dir)
     if not folder.exists():
         raise UserError(
@@ -156,13 +177,65 @@ def read_model_dir(adapter_dir) -> dict:
             config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"{folder / 'adapter_config.json'} is unreadable ({e}); rerun train_blip.py") from None
-        return {"kind": "adapter", "base": config.get("base_model_name_or_path")}
+        problem = adapter_config_problem(config)
+        if problem:
+            raise UserError(f"{folder / 'adapter_config.json'} is invalid ({problem}); rerun train_blip.py")
+        if not any((folder / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise UserError(f"{folder} has adapter_config.json but no adapter_model.safetensors: "
+                            f"let train_blip.py finish, or rerun it")
+        base, targets = config.get("base_model_name_or_path"), config.get("target_modules")
+        return {"kind": "adapter", "base": base, "targets": targets}
     if (folder / "config.json").is_file():
         return {"kind": "full", "base": None}
     raise UserError(
         f"ADAPTER_DIR={str(adapter_dir)!r} holds neither adapter_config.json (LoRA) nor config.json "
         f"(full model): run train_blip.py first, or let it finish"
     )
+
+
+def adapter_config_problem(config) -> str | None:
+    """What is wrong with an adapter_config.json's values, or None. peft itself would only fail
+    later, deep inside, with a TypeError such as "'<=' not supported between 'str' and 'int'"."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if not isinstance(config, dict):
+        return "not a JSON object"
+    checks = {
+        "r": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+        "lora_alpha": number,
+        "lora_dropout": lambda v: number(v) and 0 <= v < 1,
+        "target_modules": lambda v: v is None or isinstance(v, str) or (
+            isinstance(v, list) and all(isinstance(t, str) for t in v)),
+        "base_model_name_or_path": lambda v: v is None or isinstance(v, str),
+        "peft_type": lambda v: isinstance(v, str),
+    }
+    for key, ok in checks.items():
+        if key in config and not ok(config[key]):
+            return f"{key}={config[key]!r}"
+    return None
+
+
+def same_model(a, b) -> bool:
+    """Whether two model ids/folders name the same model (local folders compared resolved)."""
+    if a is None or b is None:
+        return a == b
+    pa, pb = Path(os.path.expanduser(str(a))), Path(os.path.expanduser(str(b)))
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return str(a) == str(b)
+
+
+def missing_target(model, targets) -> str | None:
+    """One adapter target module that names nothing in the model (peft matches a name or its
+    dotted suffix), or None; a regex string is returned as is."""
+    if isinstance(targets, str):
+        return None if targets == "all-linear" else targets
+    names = [name for name, _ in model.named_modules()]
+    for target in targets or ():
+        if not any(n == target or n.endswith("." + target) for n in names):
+            return target
+    return None
 
 
 def load_base(family, base_id: str, why: str):
@@ -203,14 +276,27 @@ def load_captioner(adapter_dir, base_model_id=None, sdpa: bool = True):
         family = load_family(base_id, why, str(adapter_dir) if has_processor else None)
         base = load_base(family, base_id, why)
         from peft import PeftModel
+        from safetensors import SafetensorError
 
+        # Suggest BASE_MODEL_ID only when it points away from the base the adapter names.
+        hint = ("set --BASE_MODEL_ID to the model it was trained on" if not same_model(base_id, info["base"])
+                else "rerun train_blip.py")
         try:
             model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-        except (ValueError, RuntimeError, KeyError) as e:
-            first_line = str(e).strip().splitlines()[0][:300]
+        except SafetensorError as e:
+            raise UserError(f"{Path(adapter_dir) / 'adapter_model.safetensors'} is damaged ({e}); "
+                            f"rerun train_blip.py") from None
+        except (ValueError, RuntimeError, KeyError, TypeError) as e:
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            missing = missing_target(base, info.get("targets"))
+            if missing:
+                raise UserError(f"the adapter in {adapter_dir} targets modules that are not in the base "
+                                f"{base_id!r} (e.g. {missing!r}); {hint}") from None
+            if isinstance(e, (TypeError, KeyError)):  # a value peft cannot use, e.g. an unknown peft_type
+                raise UserError(f"{Path(adapter_dir) / 'adapter_config.json'} is invalid ({first_line}); "
+                                f"rerun train_blip.py") from None
             raise UserError(
-                f"the adapter in {adapter_dir} does not fit the base {base_id!r} ({first_line}); "
-                f"set --BASE_MODEL_ID to the model it was trained on"
+                f"the adapter in {adapter_dir} does not fit the base {base_id!r} ({first_line}); {hint}"
             ) from None
         info["base"] = base_id
     else:
@@ -514,29 +600,63 @@ def show_figure(fig, log=print) -> None:
 
 
 # ----------------------------------------------------------------------------- export
-def check_merge_target(out_dir) -> Path:
-    """MERGE_TO may be new, empty, or an earlier export (replaced); never some other folder."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
-        raise UserError(f"MERGE_TO={str(out_dir)!r} exists and is not a model folder; choose another")
+def _overlaps(a: Path, b: Path) -> bool:
+    """Whether one of two resolved paths is the other or lies inside it."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_merge_target(out_dir, adapter_dir=None, base_id=None, keep=()) -> Path:
+    """MERGE_TO may be new, empty, or an earlier export of this script (it carries _MERGE_MARKER
+    and nothing else than what the export wrote); never the current folder, the adapter's or a
+    local base model's folder, anything inside or around them, or a folder holding `keep` files."""
+    out = Path(os.path.expanduser(str(out_dir)))
+    where = out.resolve()
+    if where == Path.cwd().resolve() or where == Path(where.anchor):
+        raise UserError(f"MERGE_TO={str(out_dir)!r} is the current or root folder; name a new folder")
+    owners = ((adapter_dir, "ADAPTER_DIR"), (base_id, "the base model's folder"))
+    guarded = [(folder, what) for folder, what in owners
+               if folder and Path(os.path.expanduser(str(folder))).exists()]  # a hub id is no folder of ours
+    for other, what in guarded + list(keep):  # keep: (path, constant) of outputs written before the export
+        if _overlaps(where, Path(os.path.expanduser(str(other))).resolve()):
+            raise UserError(f"MERGE_TO={str(out_dir)!r} overlaps {what} ({other}); name a separate folder")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UserError(f"MERGE_TO={str(out_dir)!r} exists and is not a folder; choose another")
+    if out.is_dir() and any(out.iterdir()):
+        marker = out / _MERGE_MARKER
+        try:
+            written = set(json.loads(marker.read_text(encoding="utf-8"))["files"])
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            raise UserError(f"MERGE_TO={str(out_dir)!r} exists and is not a model folder exported by "
+                            f"inference.py (no {_MERGE_MARKER}); choose a new or empty folder") from None
+        extra = sorted(p.name for p in out.iterdir() if p.name not in written | {_MERGE_MARKER})
+        if extra:
+            raise UserError(f"MERGE_TO={str(out_dir)!r} holds {extra[0]!r}, which inference.py did not "
+                            f"write; move it or choose another folder")
     return out
 
 
-def export_merged(adapter_dir, base_model_id, out_dir) -> Path:
+def export_merged(adapter_dir, base_model_id, out_dir, keep=()) -> Path:
     """MERGE_TO: fold the adapter into the base weights (fp32) and save a standalone model plus
     the processor. It then loads with plain BlipForConditionalGeneration.from_pretrained(out_dir)."""
-    out = check_merge_target(out_dir)
     model, family, info = load_captioner(adapter_dir, base_model_id, sdpa=False)
     if info["kind"] != "adapter":
         raise UserError(f"MERGE_TO needs a LoRA adapter, but {adapter_dir} already holds a full model")
+    out = check_merge_target(out_dir, adapter_dir, info["base"], keep)
     merged = model.merge_and_unload()
-    # Save beside, then swap in: a crash never leaves a half-written model at MERGE_TO.
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    family.processor.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    # Save into a fresh folder of our own beside MERGE_TO, then swap it in: a crash never leaves a
+    # half-written model at MERGE_TO, and nothing is removed that this call did not create or check.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        merged.save_pretrained(tmp)
+        family.processor.save_pretrained(tmp)
+        marker = {"written_by": "inference.py", "adapter_dir": str(Path(adapter_dir).resolve()),
+                  "base_model": str(info["base"]), "files": sorted(p.name for p in tmp.iterdir())}
+        common.atomic_write_json(tmp / _MERGE_MARKER, marker)
+        common.replace_dir(tmp, out)  # the checked earlier export (if any) is replaced
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -551,15 +671,18 @@ def main(argv=None):
         raise UserError("need BATCH_SIZE >= 1, NUM_BEAMS >= 1 and MAX_LENGTH > MIN_LENGTH")
 
     # Everything that can fail cheaply fails before the model loads.
-    kind = read_model_dir(cfg["ADAPTER_DIR"])["kind"]
+    model_dir = read_model_dir(cfg["ADAPTER_DIR"])
+    kind = model_dir["kind"]
     paths = find_images(cfg["IMAGES"])
     ref_path = default_references(paths) if cfg["REFERENCES"] == "auto" else cfg["REFERENCES"]
     references = load_references(ref_path) if ref_path else {}
     for key in ("RESULTS_PATH", "FIGURE_PATH"):
         common.check_writable(Path(cfg[key]).resolve().parent, key)
+    keep = [(cfg[key], key) for key in ("RESULTS_PATH", "FIGURE_PATH")]  # written before MERGE_TO replaces it
     if cfg["MERGE_TO"]:
+        base_id = cfg["BASE_MODEL_ID"] or model_dir["base"]
+        check_merge_target(cfg["MERGE_TO"], cfg["ADAPTER_DIR"], base_id, keep)
         common.check_writable(Path(cfg["MERGE_TO"]).resolve().parent, "MERGE_TO")
-        check_merge_target(cfg["MERGE_TO"])
         if kind != "adapter":
             raise UserError(f"MERGE_TO needs a LoRA adapter, but {cfg['ADAPTER_DIR']} already holds a full model")
     device = pick_device(cfg["DEVICE"])
@@ -654,12 +777,18 @@ def main(argv=None):
         "references": str(ref_path) if ref_path else None,
         "merged_to": None,
     }
+    common.atomic_write_json(cfg["RESULTS_PATH"], out)  # before the export: a failed export loses nothing
+    print(f"results: {cfg['RESULTS_PATH']}  figure: {cfg['FIGURE_PATH']}")
     if cfg["MERGE_TO"]:
         del model, base_model  # the export reloads in fp32, so free this copy first
-        out["merged_to"] = str(export_merged(cfg["ADAPTER_DIR"], cfg["BASE_MODEL_ID"], cfg["MERGE_TO"]))
+        try:
+            merged = export_merged(cfg["ADAPTER_DIR"], cfg["BASE_MODEL_ID"], cfg["MERGE_TO"], keep)
+        except OSError as e:  # e.g. a full disk
+            raise UserError(f"could not save the merged model to MERGE_TO={str(cfg['MERGE_TO'])!r} "
+                            f"({e.strerror or e}); the captions are saved in {cfg['RESULTS_PATH']}") from None
+        out["merged_to"] = str(merged)
+        common.atomic_write_json(cfg["RESULTS_PATH"], out)
         print(f"merged model saved to {out['merged_to']} (load it with BlipForConditionalGeneration.from_pretrained)")
-    common.atomic_write_json(cfg["RESULTS_PATH"], out)
-    print(f"results: {cfg['RESULTS_PATH']}  figure: {cfg['FIGURE_PATH']}")
     if fig.canvas.manager is not None:  # a pyplot figure: SHOW asked for a window
         show_figure(fig)
     return out

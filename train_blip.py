@@ -97,6 +97,8 @@ RESUME = "auto"  # auto: continue from the newest checkpoint if any | a checkpoi
 LOG_EVERY = 10  # one log line every N optimizer steps
 NUM_SAMPLE_CAPTIONS = 3  # validation images captioned (greedy) after every epoch
 
+# Settings that accept None beyond those whose default is None (see common.configure).
+_NONE_OK = ("RESUME", "MAX_GRAD_NORM")
 # Settings that must match for a checkpoint to be continued (others, like EPOCHS, may change).
 _RESUME_MUST_MATCH = ("MODEL_ID", "DATA_DIR", "USE_LORA", "LORA_R", "LORA_ALPHA", "LORA_DROPOUT",
                       "FREEZE_VISION", "BATCH_SIZE", "GRAD_ACCUM", "SEED", "VAL_FRACTION",

@@ -22,7 +22,8 @@ def test_configure_applies_typed_overrides_without_touching_defaults():
 
 
 def test_configure_lists_and_none():
-    cfg = common.configure(CONSTANTS, ["--TARGETS=x,y", "--RESUME=None"])
+    # RESUME documents None (start fresh) although its default is a string: the script says so in _NONE_OK
+    cfg = common.configure(dict(CONSTANTS, _NONE_OK=("RESUME",)), ["--TARGETS=x,y", "--RESUME=None"])
     assert cfg["TARGETS"] == ["x", "y"] and cfg["RESUME"] is None
     assert common.configure(CONSTANTS, ["--TARGETS=all-linear"])["TARGETS"] == ["all-linear"]
 
