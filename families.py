@@ -34,27 +34,37 @@ from common import UserError
 
 # ----------------------------------------------------------------------------- the interface
 class Family:
-    """What the scripts need to know about one model family. Defaults are the plain, generic path."""
+    """What the scripts need to know about one model family. The defaults are the plain path of a
+    decoder that reads the image and then the caption (GIT's): an entry overrides what differs."""
 
     name = "generic"
     model_types: tuple[str, ...] = ()  # config.model_type values this entry handles
     lora_targets: tuple[str, ...] | str = "all-linear"  # LORA_TARGET_MODULES="auto" means these
     vision_modules: tuple[str, ...] = ()  # module names FREEZE_VISION freezes (and drops LoRA targets in)
+    default_prompt = ""  # PROMPT="auto" means this: the family's task prompt, if it has one
 
-    def __init__(self, config, processor):
-        self.config, self.processor = config, processor
+    def __init__(self, config, processor, prompt: str | None = None):
+        self.config = config
+        self.processor = processor
+        self.prompt = self.default_prompt if prompt in (None, "auto") else prompt
 
     def load_model(self, model_id: str, constant: str = "MODEL_ID", **kwargs):
+        """Through the Auto class, on torch's fused attention (SDPA) where transformers has it."""
         from transformers import AutoModelForImageTextToText
 
         try:
-            return AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
+            try:
+                return AutoModelForImageTextToText.from_pretrained(model_id, attn_implementation="sdpa", **kwargs)
+            except ValueError as e:  # "... does not support an attention implementation through SDPA yet"
+                if "attention implementation" not in str(e):
+                    raise
+                return AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
         except OSError:
             raise UserError(offline_hint(model_id, constant)) from None
 
     # ---- batches
     def max_caption_tokens(self) -> int:
-        return self.config.text_config.max_position_embeddings
+        return self.config.get_text_config().max_position_embeddings
 
     def tokenize(self, captions: list[str], max_tokens: int) -> list[np.ndarray]:
         """Token ids once per caption, as small int32 arrays (a Python list of ints costs ~10x more
@@ -66,66 +76,16 @@ class Family:
         return ids
 
     def collate(self, examples: list[dict]) -> dict:
-        raise NotImplementedError
-
-    def pixel_values(self, images) -> torch.Tensor:
-        """PIL images -> the pixel tensor the model sees (resized and normalised by the processor)."""
-        return self.processor(images=images, return_tensors="pt").pixel_values
-
-    # ---- the training forward
-    def logits(self, model, batch: dict, image_embeds=None) -> torch.Tensor:
-        """Next-token logits aligned with batch["labels"]: logits[:, t] predicts labels[:, t + 1]."""
-        return model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                     attention_mask=batch["attention_mask"]).logits
-
-    # ---- captions
-    def generate(self, model, pixel_values, **generate_kwargs) -> torch.Tensor:
-        return model.generate(pixel_values=pixel_values, **generate_kwargs)
-
-    def generate_from_embeds(self, model, image_embeds, **generate_kwargs) -> torch.Tensor:
-        raise NotImplementedError
-
-    def decode(self, ids) -> list[str]:
-        return [" ".join(t.split()) for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
-
-    # ---- optional speed hooks
-    def vision_stages(self, model) -> list | None:
-        """The vision tower as a list of callables whose composition gives `image_embeds`, or None."""
-        return None
-
-    def prefix_shape(self, model, stages: int) -> tuple[int, ...]:
-        """Shape of one image's output after the first `stages` vision stages (0: the pixels)."""
-        raise NotImplementedError
-
-    def enable_sdpa(self, model) -> int:
-        """Switch attention to torch's fused SDPA where the family needs a patch; returns the count."""
-        return 0
-
-
-# ----------------------------------------------------------------------------- BLIP
-class Blip(Family):
-    """BlipForConditionalGeneration: a ViT, and a BERT decoder that cross-attends to its output."""
-
-    name = "blip"
-    model_types = ("blip",)
-    lora_targets = (  # the tutorial's: q/k/v of vision layers 6-9 and of text layers 5-6
-        *[f"vision_model.encoder.layers.{i}.self_attn.qkv" for i in (6, 7, 8, 9)],
-        *[f"text_decoder.bert.encoder.layer.{i}.attention.self.{p}" for i in (5, 6) for p in ("query", "key", "value")],
-    )
-    vision_modules = ("vision_model",)
-
-    def collate(self, examples: list[dict]) -> dict:
-        """Batch with per-batch padding. BLIP generates after a [DEC] token (bos_token_id), not the
-        [CLS] its tokenizer puts first, so position 0 becomes [DEC]; every pad is -100 in the labels.
-        Items whose vision prefix is cached come without pixels; `pixel_rows` says which have them."""
-        text = self.config.text_config
+        """Batch with per-batch padding on the right; labels are the input ids with every pad set to
+        -100. Items whose vision prefix is cached come without pixels; `pixel_rows` says which have them."""
+        pad = self.processor.tokenizer.pad_token_id
         width = max(len(e["input_ids"]) for e in examples)
-        input_ids = torch.full((len(examples), width), text.pad_token_id, dtype=torch.long)
+        input_ids = torch.full((len(examples), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
         for row, e in enumerate(examples):
             input_ids[row, : len(e["input_ids"])] = torch.as_tensor(e["input_ids"])
             attention_mask[row, : len(e["input_ids"])] = 1
-        input_ids[:, 0] = text.bos_token_id
+        input_ids = self.start_tokens(input_ids)
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         with_pixels = [row for row, e in enumerate(examples) if e.get("pixel_values") is not None]
         return {
@@ -137,11 +97,74 @@ class Blip(Family):
             "pixel_values": torch.stack([examples[r]["pixel_values"] for r in with_pixels]) if with_pixels else None,
         }
 
-    def logits(self, model, batch: dict, image_embeds=None) -> torch.Tensor:
+    def start_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Where a family trains from another start token than its tokenizer writes (BLIP's [DEC])."""
+        return input_ids
+
+    def pixel_values(self, images) -> torch.Tensor:
+        """PIL images -> the pixel tensor the model sees (resized and normalised by the processor)."""
+        return self.processor(images=images, return_tensors="pt").pixel_values
+
+    # ---- the training forward
+    def caption_logits(self, model, batch: dict, image_embeds=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, targets) aligned position by position: logits[:, t] predicts targets[:, t], and
+        targets are -100 wherever nothing is to be learnt. The default is a decoder that puts the
+        image positions first (GIT): they are cut off, then the usual next-token shift."""
+        logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1] :]
+        return logits[:, :-1], batch["labels"][:, 1:]
+
+    # ---- captions
+    def generate(self, model, pixel_values, **generate_kwargs) -> torch.Tensor:
+        """Caption token ids for a batch of pixels (the caption only: any prompt is cut off)."""
+        return model.generate(pixel_values=pixel_values, **generate_kwargs)
+
+    def generate_from_embeds(self, model, image_embeds, **generate_kwargs) -> torch.Tensor:
+        raise NotImplementedError  # only needed with vision_stages
+
+    def decode(self, ids) -> list[str]:
+        return [" ".join(t.split()) for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+
+    # ---- optional speed hooks
+    def vision_stages(self, model) -> list | None:
+        """The vision tower as a list of callables whose composition gives `image_embeds`, or None."""
+        return None
+
+    def prefix_shape(self, model, stages: int) -> tuple[int, ...]:
+        """Shape of one image's output after the first `stages` vision stages (0: the pixels)."""
+        raise NotImplementedError  # only needed with vision_stages
+
+    def enable_sdpa(self, model) -> int:
+        """Switch attention to torch's fused SDPA where the family needs a patch; returns the count."""
+        return 0
+
+
+# ----------------------------------------------------------------------------- BLIP
+class Blip(Family):
+    """BlipForConditionalGeneration: a ViT, and a BERT decoder that cross-attends to its output.
+    Every speed hook: the frozen-prefix cache, the shared vision pass, the SDPA patch."""
+
+    name = "blip"
+    model_types = ("blip",)
+    lora_targets = (  # the tutorial's: q/k/v of vision layers 6-9 and of text layers 5-6
+        *[f"vision_model.encoder.layers.{i}.self_attn.qkv" for i in (6, 7, 8, 9)],
+        *[f"text_decoder.bert.encoder.layer.{i}.attention.self.{p}" for i in (5, 6) for p in ("query", "key", "value")],
+    )
+    vision_modules = ("vision_model",)
+
+    def start_tokens(self, input_ids):
+        """BLIP generates after a [DEC] token (bos_token_id), not the [CLS] its tokenizer puts first,
+        so it trains that way too: position 0 becomes [DEC]."""
+        input_ids[:, 0] = self.config.text_config.bos_token_id
+        return input_ids
+
+    def caption_logits(self, model, batch: dict, image_embeds=None):
         if image_embeds is None:
             image_embeds = run_stages(self.vision_stages(model), batch["pixel_values"])
-        return model.text_decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  encoder_hidden_states=image_embeds, use_cache=False).logits
+        logits = model.text_decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    encoder_hidden_states=image_embeds, use_cache=False).logits
+        return logits[:, :-1], batch["labels"][:, 1:]
 
     def generate_from_embeds(self, model, image_embeds, **generate_kwargs) -> torch.Tensor:
         """BLIP's generate() minus its vision forward: every caption starts with [DEC] and ends at
@@ -169,8 +192,20 @@ class Blip(Family):
         return enable_blip_sdpa(model)
 
 
+# ----------------------------------------------------------------------------- GIT
+class Git(Family):
+    """GitForCausalLM: a CLIP image encoder whose projected patches come first in one BERT-style
+    decoder, then the caption ([CLS] ... [SEP]). The plain path: its forward cannot take image
+    features from outside, so no prefix cache (yet)."""
+
+    name = "git"
+    model_types = ("git",)
+    lora_targets = ("query", "key", "value")  # the decoder's attention; the vision tower's are q_proj/k_proj/v_proj
+    vision_modules = ("git.image_encoder", "git.visual_projection")
+
+
 # ----------------------------------------------------------------------------- the registry
-FAMILIES = {cls.name: cls for cls in (Blip,)}
+FAMILIES = {cls.name: cls for cls in (Blip, Git)}
 
 # Families users ask for that transformers cannot train, and why; each gets its own one-line error.
 _NOT_SUPPORTED = {
@@ -195,23 +230,22 @@ def family_class(model_type: str) -> type[Family]:
     raise UserError(f"model type {model_type!r} is not supported: {why}. Supported model types: {supported}")
 
 
-def load(model_id: str, constant: str = "MODEL_ID", processor_from: str | None = None) -> Family:
+def load(model_id: str, constant: str = "MODEL_ID", processor_from: str | None = None, prompt: str | None = None):
     """The family entry for a model (from its config's model_type), with its processor loaded.
     `processor_from` names another folder to take the processor from (one saved beside an adapter)."""
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig, AutoProcessor, PretrainedConfig
 
-    try:
-        config = AutoConfig.from_pretrained(model_id)
+    try:  # the raw config.json first: a model type transformers does not know still gets our message
+        raw, _ = PretrainedConfig.get_config_dict(model_id)
     except OSError:
         raise UserError(offline_hint(model_id, constant)) from None
-    except ValueError as e:  # a config.json whose model_type transformers does not know
-        raise UserError(f"{model_id!r}: {str(e).splitlines()[0]}") from None
-    cls = family_class(config.model_type)
+    cls = family_class(str(raw.get("model_type")))
     try:
+        config = AutoConfig.from_pretrained(model_id)
         processor = AutoProcessor.from_pretrained(processor_from or model_id)
     except OSError:
         raise UserError(offline_hint(processor_from or model_id, constant)) from None
-    return cls(config, processor)
+    return cls(config, processor, prompt)
 
 
 def base_model(model):

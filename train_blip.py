@@ -524,10 +524,10 @@ def frozen_prefix_length(stages) -> tuple[int, str]:
 
 
 # ----------------------------------------------------------------------------- one training step
-def caption_loss(logits, labels, label_smoothing: float = 0.0):
-    """Next-token cross-entropy, averaged over each caption's own tokens: one loss per caption."""
-    targets = labels[:, 1:]
-    token_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100,
+def caption_loss(logits, targets, label_smoothing: float = 0.0):
+    """Cross-entropy of aligned logits and targets (-100: not learnt), averaged over each caption's
+    own tokens: one loss per caption."""
+    token_loss = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100,
                                  reduction="none", label_smoothing=label_smoothing)
     return token_loss.sum(1) / (targets != -100).sum(1).clamp(min=1)
 
@@ -552,13 +552,13 @@ class CaptionModel(torch.nn.Module):
         base = families.base_model(self.model)
         stages = self.stages()
         if stages is None:  # a family without the hook: its plain forward
-            logits = self.family.logits(base, batch)
+            logits, targets = self.family.caption_logits(base, batch)
         else:
             image_embeds = (families.run_stages(stages, batch["pixel_values"]) if vision_prefix is None
                             else families.run_stages(stages[self.prefix_stages :], vision_prefix))
-            logits = self.family.logits(base, batch, image_embeds)
+            logits, targets = self.family.caption_logits(base, batch, image_embeds)
         smoothing = getattr(base.config.get_text_config(), "label_smoothing", 0.0)
-        return caption_loss(logits, batch["labels"], smoothing)
+        return caption_loss(logits, targets, smoothing)
 
 
 def vision_inputs(caption_model, batch, cache, autocast):
