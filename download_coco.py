@@ -13,8 +13,9 @@ What it writes (the data contract the other scripts read):
                                    NUM_TEST_IMAGES held-out images, never in coco_sample/
     samples/test_image.jpg         a copy of the first held-out image (inference.py's default)
 
-Reruns are cheap and safe: valid images already on disk are kept, the annotation zip is resumed with
-HTTP Range and reused, and every file is written under a temporary name and renamed when whole.
+Reruns are cheap and safe: valid images already on disk are kept (and not decoded again while their
+size and mtime are unchanged), the annotation zip is resumed with HTTP Range and reused, and every
+file is written under a temporary name and renamed when whole.
 The JSON files are written last, so their presence means the folder is complete. Each folder's
 hidden .download_coco.jsonl lists the images this script wrote there; at the end, those that are not
 in this run's selection (from an older SEED or count) are deleted. Files it did not write (your own
@@ -426,7 +427,7 @@ class Ledger:
     """The images this script owns in one folder: a hidden JSON-lines file with one
     {"name", "size", "mtime_ns"} line per image, appended *before* the image is renamed into place,
     so that even after a kill a rerun knows what it wrote. Reruns delete only files listed here
-    (and unchanged since).
+    (and unchanged since), and skip decoding an image whose size and mtime still match (issue 12).
     Names only known from an older version's captions.json have no size: they are owned by name."""
 
     def __init__(self, folder: Path, previous: Iterable[str] = ()):
@@ -462,6 +463,9 @@ class Ledger:
             self.entries[name] = self.key(st)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"name": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}) + "\n")
+
+    def is_checked(self, name: str, st: os.stat_result) -> bool:
+        return self.entries.get(name) == self.key(st)
 
     def remove_stale(self, keep: set[str]) -> int:
         """Delete the images listed here that are not in `keep` and that nobody changed since we wrote
@@ -565,6 +569,8 @@ def fetch_image(session: requests.Session, url: str, path: Path, cfg: dict, ledg
     if st is not None:
         if not stat.S_ISREG(st.st_mode):  # a link, folder or device of that name: not ours to touch
             return "failed", "something that is not a plain file is in the way (left alone)"
+        if ledger.is_checked(path.name, st):  # decoded (or written) by us, and unchanged since
+            return "present", ""
         if st.st_size <= cfg["MAX_IMAGE_MB"] * _MB and image_problem(path) is None:
             ledger.record(path.name, st)
             return "present", ""

@@ -4,12 +4,14 @@
 - deletes: only what this script wrote, even after a killed run; overlapping folders refused;
 - a dripping body, a silent server and Ctrl-C; a long Retry-After; an endless body; a zip bomb;
 - malformed annotation files (one-line errors, no bad cache kept) and bad single captions;
+- reruns that decode nothing already checked (issue 12).
 
 Every hostile handler is bounded in time and count, and stops when the client goes away.
 """
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -456,3 +458,28 @@ def test_bad_single_captions_are_skipped_with_a_count_and_the_first_non_empty_on
     assert all(c[0].isalnum() for c in captions.values())
     log = capsys.readouterr().out
     assert "skipped 10 of" in log and "annotations with a missing, null, non-string or empty caption" in log
+
+
+# ----------------------------------------------------------------------------- item 8 (issue 12)
+def test_a_rerun_decodes_nothing_it_checked_before_and_rechecks_a_changed_file(mirror, serve, tmp_path,
+                                                                               monkeypatch):
+    server = serve(mirror)
+    first = dl.main(args_for(server.url, tmp_path))
+    decoded = []
+    real = dl.image_problem
+    monkeypatch.setattr(dl, "image_problem", lambda data: decoded.append(data) or real(data))
+    again = dl.main(args_for(server.url, tmp_path))
+    assert (again["present"], again["downloaded"], decoded) == (8, 0, [])
+
+    out = tmp_path / "out"
+    touched, cut = out / first["train"][0], out / first["train"][1]
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))  # same bytes
+    cut.write_bytes(cut.read_bytes()[:300])
+    n = len(server.log)
+    third = dl.main(args_for(server.url, tmp_path))
+    assert [p for m, p, _ in server.log[n:]] == [f"/val2017/{cut.name}"]
+    assert (third["present"], third["downloaded"]) == (7, 1)
+    assert len(decoded) == 3  # the touched file, the cut one, and its fresh download
+    decoded.clear()
+    dl.main(args_for(server.url, tmp_path))
+    assert decoded == []
