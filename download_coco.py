@@ -285,15 +285,17 @@ def extract_member(zip_path: Path, member: str, dest: Path, max_bytes: float) ->
         tmp.unlink(missing_ok=True)
 
 
-def fetch_captions_json(session: requests.Session, cfg: dict) -> tuple[Path, bool]:
-    """Return the path of captions_{SPLIT}.json, extracting it from the (downloaded once) zip, and
-    whether it was extracted just now (False: it was already cached)."""
-    cache = Path(cfg["ANNOTATIONS_DIR"])
+def captions_json_path(cfg: dict) -> Path:
+    return Path(cfg["ANNOTATIONS_DIR"]) / f"captions_{cfg['SPLIT']}.json"
+
+
+def fetch_captions_json(session: requests.Session, cfg: dict) -> Path:
+    """Return the path of captions_{SPLIT}.json, extracting it from the (downloaded once) zip."""
     member = f"annotations/captions_{cfg['SPLIT']}.json"
-    json_path = cache / Path(member).name
+    json_path = captions_json_path(cfg)
     if json_path.exists():  # written by rename, so it is whole
-        return json_path, False
-    zip_path = cache / _ZIP_NAME
+        return json_path
+    zip_path = json_path.with_name(_ZIP_NAME)
     max_json = cfg["MAX_CAPTIONS_MB"] * _MB
     url = f"{cfg['COCO_BASE_URL'].rstrip('/')}/annotations/{_ZIP_NAME}"
     if not zip_path.exists():
@@ -314,7 +316,7 @@ def fetch_captions_json(session: requests.Session, cfg: dict) -> tuple[Path, boo
         zip_path.unlink()
         raise common.UserError(
             f"{zip_path} is not a valid annotation zip ({problem}); deleted it, rerun to fetch it again")
-    return json_path, True
+    return json_path
 
 
 class BadAnnotations(Exception):
@@ -379,7 +381,8 @@ def index_captions(annotations: dict) -> dict[str, list[str]]:
 def read_captions_index(session: requests.Session, cfg: dict) -> dict[str, list[str]]:
     """index_captions() of the split's captions file. A file that is not COCO-shaped is deleted so a
     rerun does not fail the same way; if it came straight out of the zip, the zip goes too."""
-    json_path, fresh = fetch_captions_json(session, cfg)
+    fresh = not captions_json_path(cfg).exists()  # extracted just now, rather than cached
+    json_path = fetch_captions_json(session, cfg)
     try:
         return index_captions(load_annotations(json_path))
     except BadAnnotations as e:
