@@ -178,6 +178,22 @@ def test_hostile_file_names_are_skipped_with_a_warning_and_nothing_escapes(mirro
     assert all(repr(n) in warning[0] for n in hostile[:5])
 
 
+def test_a_link_in_the_way_is_neither_read_nor_replaced(mirror, serve, tmp_path):
+    """A symlink (to /dev/zero, or to a file elsewhere) under a selected name: left alone, image replaced."""
+    pool = pool_of(mirror)
+    out = tmp_path / "out"
+    out.mkdir()
+    elsewhere = tmp_path / "elsewhere.jpg"
+    elsewhere.write_bytes(b"the user's file")
+    (out / pool[0]).symlink_to("/dev/zero")
+    (out / pool[1]).symlink_to(elsewhere)
+    result = dl.main(args_for(serve(mirror).url, tmp_path))
+    assert sorted(n for n, _ in result["failures"]) == sorted(pool[:2])
+    assert all("in the way" in why for _, why in result["failures"])
+    assert elsewhere.read_bytes() == b"the user's file"
+    assert os.readlink(out / pool[0]) == "/dev/zero" and os.readlink(out / pool[1]) == str(elsewhere)
+
+
 # ----------------------------------------------------------------------------- item 2: deletes
 def test_a_users_own_photos_are_never_deleted(mirror, serve, tmp_path):
     server = serve(mirror)
