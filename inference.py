@@ -409,8 +409,10 @@ def caption_images_with_base(model, family, images, batch_size=BATCH_SIZE, preci
 
 
 def generate_settings(cfg: dict) -> dict:
-    """The decoding constants as generate() keywords (sampling knobs only when sampling)."""
-    kwargs = dict(num_beams=cfg["NUM_BEAMS"], max_length=cfg["MAX_LENGTH"], min_length=cfg["MIN_LENGTH"], do_sample=cfg["DO_SAMPLE"])
+    """The decoding constants as generate() keywords (sampling knobs only when sampling). Lengths
+    count the caption's tokens and its start token, never a family's prompt: as new tokens."""
+    kwargs = dict(num_beams=cfg["NUM_BEAMS"], max_new_tokens=cfg["MAX_LENGTH"] - 1,
+                  min_new_tokens=max(cfg["MIN_LENGTH"] - 1, 0), do_sample=cfg["DO_SAMPLE"])
     if cfg["DO_SAMPLE"]:
         kwargs.update(temperature=cfg["TEMPERATURE"], top_p=cfg["TOP_P"])
     return kwargs

@@ -228,6 +228,33 @@ def build_tiny_blip(out_dir: Path, processor_dir: Path, image_size: int = 64, hi
     return Path(out_dir)
 
 
+def build_tiny_git(out_dir: Path, processor_dir: Path, image_size: int = 32, hidden: int = 32, seed: int = 0) -> Path:
+    """A random GIT (families.Git) with the BERT vocab of the BLIP processor and CLIP's default
+    image preprocessing at a small size: the tokenizer GIT really uses, nothing from the Hub."""
+    import torch
+    from transformers import AutoTokenizer, CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(processor_dir)
+    config = GitConfig(
+        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=image_size, patch_size=16),
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=tokenizer.vocab_size, max_position_embeddings=64, bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    GitForCausalLM(config).save_pretrained(out_dir)
+    size = {"shortest_edge": image_size}
+    crop = {"height": image_size, "width": image_size}
+    GitProcessor(image_processor=CLIPImageProcessor(size=size, crop_size=crop), tokenizer=tokenizer).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_git_dir(tmp_path_factory, blip_processor_dir) -> Path:
+    return build_tiny_git(tmp_path_factory.mktemp("tiny_git"), blip_processor_dir)
+
+
 @pytest.fixture(scope="session")
 def tiny_blip_dir(tmp_path_factory, blip_processor_dir) -> Path:
     return build_tiny_blip(tmp_path_factory.mktemp("tiny_blip"), blip_processor_dir)
