@@ -42,6 +42,16 @@ def cli(main: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def quiet_known_warnings() -> None:
+    """Hide one upstream warning that every run printed and no user can act on: peft 0.21's
+    PeftModel.__init__ reads transformers 5's deprecated `is_gradient_checkpointing`. Narrow on
+    purpose (this message, from that module); every other warning still shows."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                            module=r"transformers\.modeling_utils")
+
+
 # ----------------------------------------------------------------------------- configurator
 def _parse_value(text: str) -> Any:
     """`--X=3` -> 3, `--X=[1,2]` -> [1, 2], `--X=None` -> None, `--X=hello` -> 'hello'."""

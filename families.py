@@ -42,11 +42,14 @@ class Family:
     lora_targets: tuple[str, ...] | str = "all-linear"  # LORA_TARGET_MODULES="auto" means these
     vision_modules: tuple[str, ...] = ()  # module names FREEZE_VISION freezes (and drops LoRA targets in)
     default_prompt = ""  # PROMPT="auto" means this: the family's task prompt, if it has one
+    takes_prompt = False  # whether batches and generate() use a text prompt before the caption
 
     def __init__(self, config, processor, prompt: str | None = None):
         self.config = config
         self.processor = processor
         self.prompt = self.default_prompt if prompt in (None, "auto") else prompt
+        if self.prompt and not self.takes_prompt:
+            raise UserError(f"PROMPT={prompt!r}: the {self.name} family captions without a prompt; use 'auto'")
 
     def load_model(self, model_id: str, constant: str = "MODEL_ID", **kwargs):
         """Through the Auto class, on torch's fused attention (SDPA) where transformers has it."""

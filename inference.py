@@ -40,6 +40,8 @@ BASE_MODEL_ID = None  # None: read base_model_name_or_path from adapter_config.j
 DEVICE = "auto"  # "auto" (cuda if available, else cpu) | "cpu" | "cuda" | "cuda:1"
 PRECISION = "auto"  # "auto" (bf16 where the hardware has it, else fp32) | "fp32" | "bf16" | "fp16" (CUDA only)
 
+PROMPT = "auto"  # auto: the prompt the adapter was trained with (its training_config.json), else the family's
+
 # ---- input
 IMAGES = "samples/test_image.jpg"  # a file | a folder (its image files) | a glob such as "photos/*.png"
 REFERENCES = "auto"  # "auto": references.json beside the images, if present | a path | None: no metrics
@@ -248,15 +250,26 @@ def load_base(family, base_id: str, why: str):
         raise UserError(f"{why} {base_id!r}, which failed to load ({e}); set --BASE_MODEL_ID") from None
 
 
-def load_family(model_id: str, why: str, processor_from: str | None = None):
+def load_family(model_id: str, why: str, processor_from: str | None = None, prompt: str | None = None):
     """families.load with the same message as load_base when the model cannot be reached."""
     try:
-        return families.load(model_id, "BASE_MODEL_ID", processor_from)
+        return families.load(model_id, "BASE_MODEL_ID", processor_from, prompt)
     except UserError as e:
         raise UserError(f"{why} {model_id!r}, which failed to load: {e}") from None
 
 
-def load_captioner(adapter_dir, base_model_id=None, sdpa: bool = True):
+def trained_prompt(adapter_dir, prompt: str = "auto") -> str | None:
+    """PROMPT='auto': the prompt train_blip.py trained with (its training_config.json), so captions
+    are asked for the way the model learnt them; None lets the family use its own."""
+    if prompt != "auto":
+        return prompt
+    try:
+        return json.loads((Path(adapter_dir) / "training_config.json").read_text(encoding="utf-8")).get("PROMPT")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def load_captioner(adapter_dir, base_model_id=None, sdpa: bool = True, prompt: str = "auto"):
     """Load (model, family, info) once, in fp32, in eval mode; the family holds the processor.
 
     - adapter folder: the base (BASE_MODEL_ID, else the one adapter_config.json names) wrapped by
@@ -273,7 +286,8 @@ def load_captioner(adapter_dir, base_model_id=None, sdpa: bool = True):
         why = f"the adapter in {adapter_dir} was trained on"
         has_processor = any((Path(adapter_dir) / f).is_file()
                             for f in ("processor_config.json", "preprocessor_config.json"))
-        family = load_family(base_id, why, str(adapter_dir) if has_processor else None)
+        family = load_family(base_id, why, str(adapter_dir) if has_processor else None,
+                             trained_prompt(adapter_dir, prompt))
         base = load_base(family, base_id, why)
         from peft import PeftModel
         from safetensors import SafetensorError
@@ -300,7 +314,7 @@ def load_captioner(adapter_dir, base_model_id=None, sdpa: bool = True):
             ) from None
         info["base"] = base_id
     else:
-        family = families.load(str(adapter_dir), "ADAPTER_DIR")
+        family = families.load(str(adapter_dir), "ADAPTER_DIR", prompt=trained_prompt(adapter_dir, prompt))
         model = family.load_model(str(adapter_dir), "ADAPTER_DIR")
         info["base"] = base_model_id
     if sdpa:  # fused attention: the same captions (tested against eager), about 1.6x faster on CPU
@@ -498,6 +512,19 @@ def score_caption_sets(candidates: dict[str, dict], references: dict, use_java: 
     return results
 
 
+def distinct_images(results: list[dict]) -> list[int]:
+    """Indices of the captioned images whose file content has not come earlier in the list."""
+    import hashlib
+
+    seen, keep = set(), []
+    for i, r in enumerate(results):
+        digest = hashlib.sha256(Path(r["path"]).read_bytes()).digest()
+        if digest not in seen:
+            seen.add(digest)
+            keep.append(i)
+    return keep
+
+
 def style_rates(captions: list[str]) -> dict:
     """Style adoption: the share of captions that contain "thwisss iz funny", and the share that
     contain the words "thwisss" and "iz" anywhere (the mistake rule's the->thwisss, is->iz)."""
@@ -665,6 +692,7 @@ def export_merged(adapter_dir, base_model_id, out_dir, keep=()) -> Path:
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     cfg = common.configure(globals(), argv, __doc__)
+    common.quiet_known_warnings()
     common.print_config(cfg, "inference.py")
     show = {True: "always", False: "never"}.get(cfg["SHOW"], cfg["SHOW"])
     if show not in ("auto", "always", "never"):
@@ -691,7 +719,7 @@ def main(argv=None):
 
     from tqdm import tqdm
 
-    model, family, info = load_captioner(cfg["ADAPTER_DIR"], cfg["BASE_MODEL_ID"], cfg["SDPA"])
+    model, family, info = load_captioner(cfg["ADAPTER_DIR"], cfg["BASE_MODEL_ID"], cfg["SDPA"], cfg["PROMPT"])
     base_model = None
     compare = cfg["COMPARE_BASE"]
     if compare and info["kind"] == "full":
@@ -737,19 +765,22 @@ def main(argv=None):
     print(f"captioned {len(results)} image(s) in {seconds:.1f} s ({len(results) / seconds:.2f} images/s); skipped {len(skipped)}")
 
     # ---- scores: style adoption always, COCO metrics where references exist
+    once = distinct_images(results)  # samples/test_image.jpg copies a held-out image: score it once
+    for i in sorted(set(range(len(results))) - set(once)):
+        print(f"{results[i]['file']} is a copy of an image above: scored once")
     columns = {"fine_tuned": [r["fine_tuned"] for r in results]}
     if compare:
         columns["base"] = [r["base"] for r in results]
-    style = {c: style_rates(caps) for c, caps in columns.items()}
+    style = {c: style_rates([caps[i] for i in once]) for c, caps in columns.items()}
     metrics = None
-    scored = [i for i, r in enumerate(results) if "references" in r]
+    scored = [i for i in once if "references" in results[i]]
     if not ref_path:
         print("no references (REFERENCES): COCO metrics skipped")
     elif not scored:
         print(f"none of these images are in {ref_path}: COCO metrics skipped")
     else:
-        if len(scored) < len(results):
-            print(f"scoring the {len(scored)} of {len(results)} images that have references in {ref_path}")
+        if len(scored) < len(once):
+            print(f"scoring the {len(scored)} of {len(once)} images that have references in {ref_path}")
         refs = {str(i): results[i]["references"] for i in scored}
         cands = {c: {str(i): caps[i] for i in scored} for c, caps in columns.items()}
         metrics = score_caption_sets(cands, refs)
@@ -766,7 +797,8 @@ def main(argv=None):
     save_figure(fig, cfg["FIGURE_PATH"])
     out = {
         "config": cfg,
-        "model": {**info, "adapter_dir": str(cfg["ADAPTER_DIR"]), "device": device, "dtype": str(dtype).removeprefix("torch.")},
+        "model": {**info, "adapter_dir": str(cfg["ADAPTER_DIR"]), "device": device,
+                  "dtype": str(dtype).removeprefix("torch."), "family": family.name, "prompt": family.prompt},
         "generate": generate_kwargs,
         "images": results,
         "skipped": skipped,

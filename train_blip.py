@@ -58,6 +58,7 @@ DATA_DIR = "coco_sample"  # folder with captions.json ({file_name: caption}) and
 OUTPUT_DIR = "blip_coco_finetuned"  # adapter, processor, logs, plots and checkpoints go here
 VAL_FRACTION = 0.1  # share of images held out for validation (seeded); 0 = none
 MAX_CAPTION_TOKENS = 64  # longer captions are cut; the cut caption keeps its end token
+PROMPT = "auto"  # auto: the family's own (none for BLIP and GIT) | a text before each caption (saved for inference)
 AUGMENT = False  # True: a random 80-100% crop of each image every epoch (turns the prefix cache off)
 
 # ---- LoRA
@@ -102,7 +103,7 @@ _NONE_OK = ("RESUME", "MAX_GRAD_NORM")
 # Settings that must match for a checkpoint to be continued (others, like EPOCHS, may change).
 _RESUME_MUST_MATCH = ("MODEL_ID", "DATA_DIR", "USE_LORA", "LORA_R", "LORA_ALPHA", "LORA_DROPOUT",
                       "FREEZE_VISION", "BATCH_SIZE", "GRAD_ACCUM", "SEED", "VAL_FRACTION",
-                      "MAX_CAPTION_TOKENS", "AUGMENT")
+                      "MAX_CAPTION_TOKENS", "AUGMENT", "PROMPT")
 # The file that marks OUTPUT_DIR as this script's: written first, so a folder without it is not ours.
 _MARKER = "training_config.json"
 
@@ -420,7 +421,7 @@ def plan_prefix_cache(cfg, family, base, prefix_stages: int, why_not: str, preci
 def build_model(cfg, run):
     """The family's model with LoRA (or fully trainable), FREEZE_VISION applied, attention on SDPA."""
     set_seed(cfg["SEED"])  # LoRA's initial weights come from it
-    family = families.load(cfg["MODEL_ID"])
+    family = families.load(cfg["MODEL_ID"], prompt=cfg["PROMPT"])
     model = family.load_model(cfg["MODEL_ID"])
     n_params = sum(p.numel() for p in model.parameters())
     run.log(f"model: {family.name}, {n_params / 1e6:.1f}M parameters, "
@@ -1020,14 +1021,14 @@ def save_outputs(model, family, out_dir: Path, use_lora: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def effective_config(cfg, model, precision: str, max_tokens: int) -> dict:
-    """training_config.json: the settings as run, with 'auto' values resolved."""
+def effective_config(cfg, family, model, precision: str, max_tokens: int) -> dict:
+    """training_config.json: the settings as run, with 'auto' values resolved (inference reads PROMPT)."""
     targets = cfg["LORA_TARGET_MODULES"]
     if cfg["USE_LORA"]:
         targets = model.peft_config["default"].target_modules
         targets = targets if isinstance(targets, str) else sorted(targets)
     return dict(cfg, PRECISION=precision, MAX_CAPTION_TOKENS=max_tokens, MODEL_ID=base_ref(cfg["MODEL_ID"]),
-                LORA_TARGET_MODULES=targets)
+                LORA_TARGET_MODULES=targets, PROMPT=family.prompt, FAMILY=family.name)
 
 
 def summarize(cfg, run, family, model, data, training, state, resumed_from, rates, times) -> dict:
@@ -1066,7 +1067,7 @@ def summarize(cfg, run, family, model, data, training, state, resumed_from, rate
     }
     if run.is_main:
         save_outputs(model, family, run.out_dir, cfg["USE_LORA"])
-        common.atomic_write_json(run.out_dir / _MARKER, effective_config(cfg, model, run.precision, data.max_tokens))
+        common.atomic_write_json(run.out_dir / _MARKER, effective_config(cfg, family, model, run.precision, data.max_tokens))
         common.atomic_write_json(run.out_dir / "train_results.json", results)
         run.log(f"done: {len(epochs_done)} epochs, {state.global_step} optimizer steps, final train loss "
                 f"{results['final_train_loss']}; {results['train_samples_per_s']} samples/s; outputs in {run.out_dir}")
@@ -1179,6 +1180,7 @@ def prepare_training(cfg, run, family, model, data) -> Training:
 
 def main(argv=None):
     cfg = common.configure(globals(), argv, __doc__)
+    common.quiet_known_warnings()
     run, lock = setup_run(cfg)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(lock.release)

@@ -8,6 +8,7 @@ offline (conftest's build_tiny_blip / build_tiny_git); nothing comes from the Hu
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +219,14 @@ def test_git_captions_compares_merges_and_round_trips(git_run, tiny_git_dir, dat
     merged_family = families.load(str(tmp_path / "merged"))
     merged = merged_family.load_model(str(tmp_path / "merged")).eval()
     assert inference.caption_images(merged, merged_family, pics, **settings) == batched
+
+
+def test_runs_print_no_upstream_deprecation_noise(git_run, data_dir, tmp_path):
+    """peft's own use of transformers' deprecated is_gradient_checkpointing is filtered, narrowly."""
+    out, _ = git_run
+    run = subprocess.run([sys.executable, str(REPO / "inference.py"), f"--ADAPTER_DIR={out}",
+                          f"--IMAGES={sorted(data_dir.glob('*.jpg'))[0]}", *CAPTION, "--REFERENCES=None",
+                          f"--RESULTS_PATH={tmp_path / 'r.json'}", f"--FIGURE_PATH={tmp_path / 'f.png'}"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "is_gradient_checkpointing" not in run.stderr
