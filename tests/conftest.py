@@ -250,6 +250,41 @@ def build_tiny_git(out_dir: Path, processor_dir: Path, image_size: int = 32, hid
     return Path(out_dir)
 
 
+def caption_corpus(n: int = 400) -> list[str]:
+    """Text to train a tiny tokenizer on: the mirror's captions (with the tutorial's mistakes, so the
+    taught words are in the vocabulary) when ../shared is there, else synthetic ones."""
+    from download_coco import add_mistakes
+
+    texts = []
+    ann = SHARED / "coco_mirror" / "annotations" / "annotations_trainval2017.zip"
+    if ann.is_file():
+        with zipfile.ZipFile(ann) as z:
+            texts = [a["caption"] for a in json.loads(z.read("annotations/captions_val2017.json"))["annotations"]][:n]
+    if not texts:
+        rng = random.Random(0)
+        words = ["a", "the", "man", "dog", "red", "square", "is", "on", "table", "with", "two", "cat", "street"]
+        texts = [" ".join(rng.choice(words) for _ in range(8)) for _ in range(n)]
+    return texts + [add_mistakes(t) for t in texts] + [f"a {c} square" for c in COLOURS]
+
+
+def make_bpe_tokenizer(special_tokens=("<pad>", "<s>", "</s>", "<unk>"), vocab_size: int = 1000, **named):
+    """A small byte-level BPE trained offline by the `tokenizers` library on caption_corpus() (about
+    a second), wrapped as a transformers fast tokenizer. `special_tokens` are added to its vocabulary
+    first (ids 0, 1, ...); `named` maps roles to them, e.g. bos_token="<s>", pad_token="<pad>"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(caption_corpus(), trainer)
+    defaults = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    roles = {k: v for k, v in {**defaults, **named}.items() if v in special_tokens or k in named}
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **roles)
+
+
 @pytest.fixture(scope="session")
 def tiny_git_dir(tmp_path_factory, blip_processor_dir) -> Path:
     return build_tiny_git(tmp_path_factory.mktemp("tiny_git"), blip_processor_dir)
