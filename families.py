@@ -211,9 +211,13 @@ class Git(Family):
 FAMILIES = {cls.name: cls for cls in (Blip, Git)}
 
 # Families users ask for that transformers cannot train, and why; each gets its own one-line error.
+_QWEN = ("its processor needs torchvision's video processor, which does not install beside the CPU torch "
+         "this toolkit is tested on")
 _NOT_SUPPORTED = {
     "ofa": "OFA is not in transformers (the port by its authors is inference-only), so it cannot be "
            "fine-tuned here",
+    "qwen2_vl": f"Qwen2-VL is not supported yet: {_QWEN}",
+    "qwen2_5_vl": f"Qwen2.5-VL is not supported yet: {_QWEN}",
 }
 
 
