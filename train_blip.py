@@ -820,6 +820,38 @@ def sample_captions(family, model, paths, max_tokens: int, autocast=contextlib.n
     return family.decode(ids)
 
 
+def say_how_to_resume(run, state: LoopState, argv) -> None:
+    args = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--RESUME="))
+    run.log(f"stopped at epoch {state.epoch + 1}, step {state.global_step}; checkpoint: {run.last_checkpoint}\n"
+            f"resume with: python train_blip.py {args}".rstrip() + "   (RESUME='auto' continues from it)")
+
+
+class StopRequest:
+    """The first Ctrl-C (or SIGTERM) asks the loop to save a checkpoint and stop after the current
+    optimizer step; a second Ctrl-C aborts at once."""
+
+    def __init__(self, log):
+        self.requested = False
+        self.log = log
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("\nstop requested: saving a checkpoint after this step (Ctrl-C again to abort without saving)")
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):  # signal handlers can only be set in the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Whole checkpoints, oldest first (temporary folders start with '.' and are never listed)."""
@@ -1212,38 +1244,6 @@ def main(argv=None):
             say_how_to_resume(run, state, argv)
             raise KeyboardInterrupt
         return summarize(cfg, run, family, model, data, training, state, resumed_from, rates, times)
-
-
-def say_how_to_resume(run, state: LoopState, argv) -> None:
-    args = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--RESUME="))
-    run.log(f"stopped at epoch {state.epoch + 1}, step {state.global_step}; checkpoint: {run.last_checkpoint}\n"
-            f"resume with: python train_blip.py {args}".rstrip() + "   (RESUME='auto' continues from it)")
-
-
-class StopRequest:
-    """The first Ctrl-C (or SIGTERM) asks the loop to save a checkpoint and stop after the current
-    optimizer step; a second Ctrl-C aborts at once."""
-
-    def __init__(self, log):
-        self.requested = False
-        self.log = log
-        self.previous = {}
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.log("\nstop requested: saving a checkpoint after this step (Ctrl-C again to abort without saving)")
-
-    def __enter__(self):
-        with contextlib.suppress(ValueError):  # signal handlers can only be set in the main thread
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
