@@ -1097,6 +1097,10 @@ def summarize(cfg, run, family, model, data, training, state, resumed_from, rate
         "trainable_digest_per_process": digests,
         "elapsed_s": round(time.time() - run.started, 1),
     }
+    # Whole-process overhead: everything but the optimizer steps (loading, the image check, cache
+    # filling inside the first epoch excepted, validation, sample captions, checkpoints, plots).
+    results["overhead_s"] = round(results["elapsed_s"] - sum(times), 1)
+    results["overhead_share"] = round(results["overhead_s"] / max(results["elapsed_s"], 1e-9), 4)
     if run.is_main:
         save_outputs(model, family, run.out_dir, cfg["USE_LORA"])
         common.atomic_write_json(run.out_dir / _MARKER, effective_config(cfg, family, model, run.precision, data.max_tokens))
