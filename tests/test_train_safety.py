@@ -51,6 +51,10 @@ def logged(folder: Path) -> list:
     return [(m["type"], m["step"], m.get("loss"), m.get("train_loss"), m.get("val_loss")) for m in rows]
 
 
+def checkpoint_warnings(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: checkpoint")]
+
+
 @pytest.fixture
 def finished(tmp_path, train_reference) -> Path:
     """A copy of the finished reference run's OUTPUT_DIR (checkpoints step-16 and step-18), without its
@@ -75,7 +79,8 @@ def no_model_loading(monkeypatch):
 
 # ----------------------------------------------------------------------------- 1: names in captions.json
 @pytest.mark.parametrize("name", ["../x.jpg", "/etc/passwd", "sub/a.jpg", "..", "a\\b.jpg"])
-def test_a_captions_key_that_is_not_a_plain_name_is_one_error(tmp_path, tiny_blip_dir, name, no_model_loading):
+def test_a_captions_key_that_is_not_a_plain_name_is_one_error(tmp_path, tiny_blip_dir, name,
+                                                               no_model_loading):
     data = tmp_path / "data"
     captions = make_good_images(data, n=4)
     (tmp_path / "x.jpg").write_bytes((data / "good_00.jpg").read_bytes())  # what "../x.jpg" would read
@@ -83,12 +88,13 @@ def test_a_captions_key_that_is_not_a_plain_name_is_one_error(tmp_path, tiny_bli
     (data / "sub" / "a.jpg").write_bytes((data / "good_00.jpg").read_bytes())
     (data / "captions.json").write_text(json.dumps({**captions, name: "a stolen file"}))
     with pytest.raises(UserError) as e:
-        train_in_process([f"--MODEL_ID={tiny_blip_dir}", f"--DATA_DIR={data}", f"--OUTPUT_DIR={tmp_path / 'o'}",
-                          *QUICK])
+        train_in_process([f"--MODEL_ID={tiny_blip_dir}", f"--DATA_DIR={data}",
+                          f"--OUTPUT_DIR={tmp_path / 'o'}", *QUICK])
     assert f"{name!r} is not a plain file name in DATA_DIR" in one_line(e)
 
 
-def test_a_link_out_of_data_dir_is_skipped_by_name_and_never_read(tmp_path, tiny_blip_dir, monkeypatch, capsys):
+def test_a_link_out_of_data_dir_is_skipped_by_name_and_never_read(tmp_path, tiny_blip_dir, monkeypatch,
+                                                                   capsys):
     data = tmp_path / "data"
     captions = make_good_images(data, n=4)
     secret = tmp_path / "private" / "holiday.jpg"  # a real image outside DATA_DIR: it would decode fine
@@ -102,8 +108,8 @@ def test_a_link_out_of_data_dir_is_skipped_by_name_and_never_read(tmp_path, tiny
     real_open = common.open_image
     monkeypatch.setattr(common, "open_image", lambda path, *a, **k: opened.append(Path(path)) or
                         real_open(path, *a, **k))
-    results = train_in_process([f"--MODEL_ID={tiny_blip_dir}", f"--DATA_DIR={data}", f"--OUTPUT_DIR={tmp_path / 'o'}",
-                                *QUICK])
+    results = train_in_process([f"--MODEL_ID={tiny_blip_dir}", f"--DATA_DIR={data}",
+                                f"--OUTPUT_DIR={tmp_path / 'o'}", *QUICK])
     assert results["skipped"] == [{"file": "escape.jpg", "reason": "a link to a file outside DATA_DIR"}]
     assert results["n_train"] == 5
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: skipped")]
@@ -186,14 +192,14 @@ def test_a_second_run_on_a_busy_output_dir_fails_at_once_and_the_first_finishes(
         with pytest.raises(UserError) as e:
             train_in_process([*train_args, f"--OUTPUT_DIR={out}", "--PREFIX_CACHE=disk"])
         seconds = time.time() - started
-        assert first.poll() is None, "the first run ended before the second one tried: the test proves nothing"
+        assert first.poll() is None, "the first run ended before the second tried: the test proves nothing"
         stdout, stderr = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
             first.kill()
             first.communicate()
-    assert one_line(e) == (f"OUTPUT_DIR={str(out)!r} is in use by another run (train_blip.py pid {first.pid}); "
-                           "wait for it, or choose another OUTPUT_DIR")
+    assert one_line(e) == (f"OUTPUT_DIR={str(out)!r} is in use by another run "
+                           f"(train_blip.py pid {first.pid}); wait for it, or choose another OUTPUT_DIR")
     assert seconds < 10
     assert first.returncode == 0, stderr[-3000:]
     # Unharmed: its disk prefix cache was not truncated under it, so its losses are the reference's.
@@ -232,9 +238,9 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_resumes_exact
     newest = finished / "checkpoints" / "step-00000018"
     spoil(newest / name)
     results = train_in_process([*train_args, f"--OUTPUT_DIR={finished}"])
-    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: checkpoint")]
-    assert len(warnings) == 1 and warnings[0].startswith(f"warning: checkpoint {newest} is damaged ({problem}"), \
-        warnings
+    warnings = checkpoint_warnings(capsys)
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"warning: checkpoint {newest} is damaged ({problem}"), warnings
     assert warnings[0].endswith("; using the previous one, step-00000016")
     assert checkpoint_step(results["resumed_from"]) == 16
     assert len(count_optimizer_steps) == TRAIN_TOTAL_STEPS - 16  # continued from it, not restarted
@@ -242,7 +248,8 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_resumes_exact
     assert logged(finished) == logged(train_reference)
 
 
-def test_the_previous_checkpoint_is_really_loaded(finished, train_args, train_reference, count_optimizer_steps):
+def test_the_previous_checkpoint_is_really_loaded(finished, train_args, train_reference,
+                                                  count_optimizer_steps):
     """The control: alter the fallback checkpoint's weights, and the run must end differently."""
     from safetensors.torch import load_file, save_file
 
@@ -266,8 +273,9 @@ def test_every_checkpoint_damaged_is_one_error(finished, train_args, capsys):
         train_in_process([*train_args, f"--OUTPUT_DIR={finished}"])
     assert one_line(e) == (f"every checkpoint in {finished / 'checkpoints'} is damaged (see above); "
                            "rerun with --RESUME=None to start fresh")
-    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: checkpoint")]
-    assert [w.split()[2] for w in warnings] == [str(finished / "checkpoints" / f"step-000000{s}") for s in (18, 16)]
+    warnings = checkpoint_warnings(capsys)
+    assert [w.split()[2] for w in warnings] == [str(finished / "checkpoints" / f"step-000000{s}")
+                                                for s in (18, 16)]
     assert not (finished / "adapter_model.safetensors").exists()
 
 
@@ -282,7 +290,8 @@ def test_a_checkpoint_refuses_a_different_number_of_processes(finished, train_ar
 
 # ----------------------------------------------------------------------------- 10: no NaN adapter
 @pytest.mark.parametrize("lr", ["1e999", "nan", "0", "-1", "-1e-5"])
-def test_a_non_finite_or_non_positive_lr_is_refused_before_anything(tmp_path, train_args, lr, no_model_loading):
+def test_a_non_finite_or_non_positive_lr_is_refused_before_anything(tmp_path, train_args, lr,
+                                                                     no_model_loading):
     out = tmp_path / "out"
     with pytest.raises(UserError) as e:
         train_in_process([*train_args, f"--OUTPUT_DIR={out}", f"--LR={lr}"])
@@ -329,7 +338,7 @@ def test_a_nan_loss_never_overwrites_a_good_adapter(tmp_path, train_reference, t
         train_in_process([*train_args, f"--OUTPUT_DIR={out}", "--EPOCHS=4"])
     assert "the loss became nan at optimizer step 21" in one_line(e)
     after = snapshot(out)
-    for name in ("adapter_model.safetensors", "adapter_config.json", "train_results.json", "training_config.json",
-                 "checkpoints/step-00000018/model.safetensors"):
+    for name in ("adapter_model.safetensors", "adapter_config.json", "train_results.json",
+                 "training_config.json", "checkpoints/step-00000018/model.safetensors"):
         assert after[name] == before[name], name
     assert sorted(os.listdir(out / "checkpoints")) == ["step-00000018", "step-00000020"]  # 20: before the NaN
