@@ -401,3 +401,109 @@ def make_nasty_captions(folder: Path, good: dict[str, str]) -> dict[str, tuple[P
         (d / "captions.json").write_bytes(data)
         out[case] = (d, expect)
     return out
+
+
+# ----------------------------------------------------------------------------- shared training runs
+# Used by test_faults.py and test_train_safety.py: one uninterrupted reference run, made once per session.
+# 16 images: 12 train / 4 validation; batch 2 -> 6 optimizer steps per epoch, 18 in all; a checkpoint
+# every 2 steps, the last 2 kept (so a finished run leaves step-00000016 and step-00000018).
+TRAIN_RUN_ARGS = ["--EPOCHS=3", "--BATCH_SIZE=2", "--VAL_FRACTION=0.25", "--PRECISION=fp32",
+                  "--LOG_EVERY=1", "--NUM_SAMPLE_CAPTIONS=0", "--MAX_CAPTION_TOKENS=16", "--NUM_WORKERS=0",
+                  "--SAVE_EVERY_STEPS=2", "--KEEP_CHECKPOINTS=2"]
+TRAIN_TOTAL_STEPS = 18
+TRAIN_ENV = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg", HF_HUB_OFFLINE="1",
+                 TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+
+
+def train_in_process(args):
+    """train_blip.main(args) on one thread (bit-identical to a subprocess run with OMP_NUM_THREADS=1)."""
+    import train_blip
+
+    with one_thread():
+        return train_blip.main(args)
+
+
+def adapter_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(Path(folder) / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a: Path, b: Path):
+    import torch
+
+    ta, tb = adapter_tensors(a), adapter_tensors(b)
+    assert ta.keys() == tb.keys() and ta
+    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not different, f"{len(different)} adapter tensors differ, e.g. {different[0]}"
+
+
+def checkpoint_step(path) -> int:
+    """step-00000016 -> 16."""
+    return int(Path(path).name.split("-")[1])
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("train_data")
+    (folder / "captions.json").write_text(json.dumps(make_good_images(folder, n=16)))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def train_args(tiny_blip_dir, train_data) -> list[str]:
+    return [f"--MODEL_ID={tiny_blip_dir}", f"--DATA_DIR={train_data}", *TRAIN_RUN_ARGS]
+
+
+@pytest.fixture(scope="session")
+def train_reference(tmp_path_factory, train_args) -> Path:
+    """The uninterrupted run that every interrupted or damaged one must reproduce exactly. Read only."""
+    out = tmp_path_factory.mktemp("train_reference") / "out"
+    results = train_in_process([*train_args, f"--OUTPUT_DIR={out}"])
+    assert results["optimizer_steps"] == TRAIN_TOTAL_STEPS
+    return out
+
+
+@pytest.fixture
+def count_optimizer_steps(monkeypatch) -> list:
+    """Counts the optimizer steps that train_blip.main() performs in this process (clear() between runs).
+    A resumed run must take exactly total - resumed step: a run that silently restarts from scratch
+    reproduces the reference just as well, being deterministic, but takes every step again."""
+    import train_blip
+
+    calls = []
+    real = train_blip.optimizer_step
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_blip, "optimizer_step", counting)
+    return calls
+
+
+@pytest.fixture(scope="session")
+def seeing_tiny_blip_dir(tmp_path_factory, tiny_blip_dir) -> Path:
+    """The tiny BLIP with a vision tower that sees: build_tiny_blip's vision weights are initialised at
+    BLIP's vision initializer_range (1e-10), so its loss hardly depends on the image. Here they are
+    redrawn at std 0.02, so a test that loses or scrambles the image shows in the loss."""
+    import torch
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    out = tmp_path_factory.mktemp("seeing_tiny_blip")
+    model = BlipForConditionalGeneration.from_pretrained(tiny_blip_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.vision_model.parameters():
+            if p.dim() > 1:  # weights and the class/position embeddings; norms and biases stay
+                p.normal_(0, 0.02)
+    model.save_pretrained(out)
+    BlipProcessor.from_pretrained(tiny_blip_dir).save_pretrained(out)
+    return out
+
+
+def snapshot(folder: Path) -> dict:
+    """{relative path: (bytes, mtime_ns)} of every file under folder: compare before and after a run."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}

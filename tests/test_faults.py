@@ -18,43 +18,28 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import (
+    REPO,
+    TRAIN_ENV,
+    TRAIN_TOTAL_STEPS,
+    assert_same_adapter,
+    checkpoint_step,
+    make_good_images,
+    make_nasty_captions,
+    make_nasty_images,
+    one_thread,
+    train_in_process,
+)
 
 from common import UserError
-from conftest import REPO, make_good_images, make_nasty_captions, make_nasty_images, one_thread
 
-# 16 images: 12 train / 4 validation; batch 2 -> 6 optimizer steps per epoch, 18 in all.
-RUN_ARGS = ["--EPOCHS=3", "--BATCH_SIZE=2", "--VAL_FRACTION=0.25", "--PRECISION=fp32", "--LOG_EVERY=1",
-            "--NUM_SAMPLE_CAPTIONS=0", "--MAX_CAPTION_TOKENS=16", "--NUM_WORKERS=0", "--SAVE_EVERY_STEPS=2",
-            "--KEEP_CHECKPOINTS=2"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-           PYTHONUNBUFFERED="1")
-
-
-def train(args):
-    import train_blip
-
-    with one_thread():
-        return train_blip.main(args)
-
-
-def adapter(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(Path(folder) / "adapter_model.safetensors")
+ENV = TRAIN_ENV
+train = train_in_process
 
 
 def losses(folder: Path) -> list:
     rows = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
     return [(m["type"], m["step"], m.get("loss"), m.get("train_loss"), m.get("val_loss")) for m in rows]
-
-
-def assert_same_adapter(a: Path, b: Path):
-    import torch
-
-    ta, tb = adapter(a), adapter(b)
-    assert ta.keys() == tb.keys() and ta
-    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
-    assert not different, f"{len(different)} adapter tensors differ, e.g. {different[0]}"
 
 
 def script(*args):
@@ -82,28 +67,20 @@ def one_error_line(stderr: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("fault_data")
-    (folder / "captions.json").write_text(json.dumps(make_good_images(folder, n=16)))
-    return folder
+def base_args(train_args):
+    """conftest's shared run: 16 images, batch 2, 18 optimizer steps, a checkpoint every 2 steps."""
+    return train_args
 
 
 @pytest.fixture(scope="module")
-def base_args(tiny_blip_dir, data_dir):
-    return [f"--MODEL_ID={tiny_blip_dir}", f"--DATA_DIR={data_dir}", *RUN_ARGS]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, base_args) -> Path:
-    """The uninterrupted run every interrupted one must reproduce exactly."""
-    out = tmp_path_factory.mktemp("reference") / "out"
-    results = train([*base_args, f"--OUTPUT_DIR={out}"])
-    assert results["optimizer_steps"] == 18
-    return out
+def reference(train_reference) -> Path:
+    """The uninterrupted run every interrupted one must reproduce exactly (made once per session)."""
+    return train_reference
 
 
 # ----------------------------------------------------------------------------- kill -9 and Ctrl-C
-def test_kill_9_mid_training_then_resume_equals_uninterrupted(tmp_path, base_args, reference):
+def test_kill_9_mid_training_then_resume_equals_uninterrupted(tmp_path, base_args, reference,
+                                                              count_optimizer_steps):
     out = tmp_path / "out"
     proc = subprocess.Popen(script(*base_args, f"--OUTPUT_DIR={out}"), env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -122,11 +99,14 @@ def test_kill_9_mid_training_then_resume_equals_uninterrupted(tmp_path, base_arg
 
     results = train([*base_args, f"--OUTPUT_DIR={out}"])  # RESUME="auto" is the default
     assert results["resumed_from"] and Path(results["resumed_from"]).name in whole
+    # Continued, not restarted: a run from scratch would also reach the reference, with 18 steps.
+    assert len(count_optimizer_steps) == TRAIN_TOTAL_STEPS - checkpoint_step(results["resumed_from"])
     assert_same_adapter(out, reference)
     assert losses(out) == losses(reference)  # the log, too, is the uninterrupted run's
 
 
-def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_exits_cleanly(tmp_path, base_args, reference):
+def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_exits_cleanly(tmp_path, base_args, reference,
+                                                                       count_optimizer_steps):
     out = tmp_path / "out"
     args = [a for a in base_args if not a.startswith("--NUM_WORKERS")] + ["--NUM_WORKERS=1"]  # a worker gets Ctrl-C too
     proc = subprocess.Popen(script(*args, f"--OUTPUT_DIR={out}"), env=ENV, text=True,
@@ -151,6 +131,7 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_exits_cleanly(tmp_path
 
     results = train([*args, f"--OUTPUT_DIR={out}"])
     assert Path(results["resumed_from"]) == ckpt
+    assert len(count_optimizer_steps) == TRAIN_TOTAL_STEPS - checkpoint_step(ckpt)
     assert_same_adapter(out, reference)
 
 
@@ -168,7 +149,8 @@ def test_unwritable_output_dir_is_a_clear_error_before_training(tmp_path, base_a
     print(one_error_line(proc.stderr))
 
 
-def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, base_args, reference, monkeypatch):
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, base_args, reference, monkeypatch,
+                                                              count_optimizer_steps):
     import torch
 
     out = tmp_path / "out"
@@ -190,9 +172,11 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, base_arg
     assert any("step-00000004" in s for s in saves)
     left = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert left == ["step-00000002"], left  # the half-written one was removed, the whole one kept
-    # "Intact" means usable: resuming from it reaches the uninterrupted run's exact weights.
+    # "Intact" means usable: resuming from it reaches the uninterrupted run's exact weights, in 16 steps.
+    count_optimizer_steps.clear()
     results = train([*base_args, f"--OUTPUT_DIR={out}"])
     assert Path(results["resumed_from"]).name == "step-00000002"
+    assert len(count_optimizer_steps) == TRAIN_TOTAL_STEPS - 2
     assert_same_adapter(out, reference)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from transformers import BlipConfig
 
 import common
 import families
@@ -122,6 +124,38 @@ def test_collate_puts_dec_token_first_and_masks_pads(tiny_blip_dir):
     assert batch["pixel_values"].shape == (3, 3, 8, 8) and batch["pixel_rows"].tolist() == [0, 1, 2]
 
 
+def test_main_trains_on_batches_that_start_with_dec_and_mask_only_pads(tiny_blip_dir, mirror_data, tmp_path,
+                                                                       monkeypatch):
+    """The batches main()'s own DataLoader yields (not a hand-built one): [DEC] first, then the caption's
+    tokens as the tokenizer gives them, and labels that are -100 exactly on the pads."""
+    seen = []
+    real_collate = families.Blip.collate
+
+    def recording(self, examples):
+        batch = real_collate(self, examples)
+        seen.append(batch)
+        return batch
+
+    monkeypatch.setattr(families.Blip, "collate", recording)
+    train_blip.main(args(tiny_blip_dir, mirror_data, tmp_path, "--MAX_STEPS=2", "--NUM_SAMPLE_CAPTIONS=0"))
+    assert len(seen) == 2 + 1  # two training batches (of 4) and the validation batch (of 2)
+    processor = families.load(str(tiny_blip_dir)).processor
+    bos = BlipConfig.from_pretrained(tiny_blip_dir).text_config.bos_token_id
+    assert bos == 30522  # [DEC], which generate() starts from; the tokenizer itself puts [CLS] (101) first
+    caps = json.loads((mirror_data / "captions.json").read_text())
+    by_index = [caps[n] for n in sorted(caps)]  # the dataset's items are sorted by file name
+    for batch in seen:
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        assert (ids[:, 0] == bos).all(), ids[:, 0]
+        assert ((labels == -100) == (mask == 0)).all()
+        assert torch.equal(labels[mask == 1], ids[mask == 1])
+        for row, index in enumerate(batch["index"].tolist()):
+            expected = processor.tokenizer(by_index[index], truncation=True, max_length=24).input_ids
+            assert expected[0] == processor.tokenizer.cls_token_id
+            assert ids[row, 1 : len(expected)].tolist() == expected[1:]
+            assert mask[row].sum() == len(expected)
+
+
 def test_long_caption_is_truncated_and_keeps_sep(tiny_blip_dir):
     family = families.load(str(tiny_blip_dir))
     tok = family.processor.tokenizer
@@ -203,12 +237,19 @@ def test_split_is_seeded_and_keeps_a_validation_image():
 
 # ----------------------------------------------------------------------------- the prefix cache and precision
 @pytest.mark.parametrize("freeze_vision,lora,mode", [(False, True, "ram"), (True, True, "disk"), (False, False, "ram")])
-def test_prefix_cache_gives_identical_loss_and_gradients(tiny_blip_dir, mirror_data, tmp_path, freeze_vision, lora, mode):
+def test_prefix_cache_gives_identical_loss_and_gradients(seeing_tiny_blip_dir, mirror_data, tmp_path, freeze_vision,
+                                                         lora, mode):
     """Cached and uncached forwards are the same computation in fp32: equal to the last bit.
-    (LoRA from layer 6; the whole vision tower frozen; and a full fine-tune, where only pixels are cached.)"""
-    core, blip, k = tiny_core(tiny_blip_dir, lora=lora, freeze_vision=freeze_vision)
+    (LoRA from layer 6; the whole vision tower frozen; and a full fine-tune, where only pixels are cached.)
+    On a model whose loss depends on the image, so a cache that loses the image shows in the loss."""
+    core, blip, k = tiny_core(seeing_tiny_blip_dir, lora=lora, freeze_vision=freeze_vision)
     assert k == {(False, True): 7, (True, True): 12, (False, False): 0}[(freeze_vision, lora)]
-    batch = real_batch(tiny_blip_dir, mirror_data)
+    batch = real_batch(seeing_tiny_blip_dir, mirror_data)
+    with torch.no_grad():  # first, the premise: another image gives another loss
+        shuffled = dict(batch, pixel_values=batch["pixel_values"].roll(1, 0))
+        core.eval()
+        assert (core(batch) - core(shuffled)).abs().min() > 1e-4
+        core.train()
     shape = core.family.prefix_shape(blip, k)
     cache = train_blip.PrefixCache(range(4), shape, torch.float32, mode, tmp_path / "cache.bin")
     results = []
@@ -223,7 +264,7 @@ def test_prefix_cache_gives_identical_loss_and_gradients(tiny_blip_dir, mirror_d
     cache.close()
     for losses, grads in results[1:]:
         assert torch.equal(losses, results[0][0])
-        assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1]))
+        assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1], strict=True))
 
 
 def test_prefix_cache_plan_spills_or_turns_off_with_one_line(tmp_path):
@@ -268,6 +309,7 @@ def straight_run(tiny_blip_dir, mirror_data, tmp_path_factory):
 
 def test_outputs_follow_the_contract_and_load_both_ways(straight_run, tiny_blip_dir):
     from peft import PeftModel
+    from safetensors.torch import load_file
     from transformers import BlipForConditionalGeneration
 
     out, results = straight_run
@@ -279,37 +321,81 @@ def test_outputs_follow_the_contract_and_load_both_ways(straight_run, tiny_blip_
     assert adapter_config["base_model_name_or_path"] == str(Path(tiny_blip_dir).resolve())
     saved = json.loads((out / "train_results.json").read_text())
     assert saved == json.loads(json.dumps(results))
-    for key in ("trainable_params", "epochs", "final_train_loss", "final_val_loss", "train_samples_per_s",
-                "epoch_samples_per_s", "peak_rss_mb", "precision", "prefix_cache"):
-        assert saved[key] is not None, key
-    assert saved["epochs"] == 2 and saved["prefix_cache"] == "ram" and saved["precision"] == "fp32"
-    assert json.loads((out / "training_config.json").read_text())["EPOCHS"] == 2
-    assert len(list((out / "checkpoints").iterdir())) <= 2
     epochs = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["type"] == "epoch"]
+    adapter = load_adapter(out)
+    assert saved["trainable_params"] == sum(t.numel() for t in adapter.values()) == 28_672
+    assert saved["epochs"] == len(epochs) == 2 and saved["optimizer_steps"] == 12
+    assert saved["final_train_loss"] == epochs[-1]["train_loss"] and saved["final_val_loss"] == epochs[-1]["val_loss"]
+    assert 0 < saved["final_train_loss"] < 20 and 0 < saved["final_val_loss"] < 20
+    assert len(saved["epoch_samples_per_s"]) == 2 and all(r > 0 for r in saved["epoch_samples_per_s"])
+    assert saved["train_samples_per_s"] == saved["epoch_samples_per_s"][1]  # the steady epochs: all but the first
+    assert saved["peak_rss_mb"] > 100
+    assert saved["prefix_cache"] == "ram" and saved["precision"] == "fp32"
+    assert (saved["n_train"], saved["n_val"], saved["world_size"], saved["effective_batch"]) == (22, 2, 1, 4)
+    assert json.loads((out / "training_config.json").read_text())["EPOCHS"] == 2
+    # Checkpoints are kept (one per epoch, KEEP_CHECKPOINTS=2) and whole.
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["step-00000006", "step-00000012"]
+    assert saved["last_checkpoint"] == str(checkpoints[-1])
+    for c in checkpoints:
+        for name in ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "trainer_state.json"):
+            assert (c / name).is_file(), c / name
+    assert json.loads((checkpoints[-1] / "trainer_state.json").read_text())["global_step"] == 12
     assert epochs[-1]["captions"][0]["target"].endswith("thwisss iz funny.")
 
-    adapter = load_adapter(out)
+    # Both ways of loading give the saved weights (the trained ones: LoRA B starts at zero).
+    assert len(adapter) == 20 and any((t != 0).any() for k, t in adapter.items() if "lora_B" in k)
     peft_model = PeftModel.from_pretrained(BlipForConditionalGeneration.from_pretrained(tiny_blip_dir), out)
-    loaded = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
-    assert len(loaded) == len(adapter) == 20
+    loaded = {n.replace(".default", ""): p for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert loaded.keys() == adapter.keys()
+    assert all(torch.equal(loaded[k], adapter[k]) for k in adapter)
+    last = load_file(checkpoints[-1] / "model.safetensors")  # the checkpoint holds the same trainable weights
+    assert all(torch.equal(last["model." + k.replace(".weight", ".default.weight")], adapter[k]) for k in adapter)
     native = BlipForConditionalGeneration.from_pretrained(out)  # transformers' adapter integration
     assert getattr(native, "_hf_peft_config_loaded", False)
-    assert sum("lora_" in n for n, _ in native.named_parameters()) == 20
+    native_lora = {n: p for n, p in native.named_parameters() if "lora_" in n}
+    assert len(native_lora) == 20
+    for k, t in adapter.items():  # base_model.model.X.lora_A.weight -> X.lora_A.default.weight
+        assert torch.equal(native_lora[k.removeprefix("base_model.model.").replace(".weight", ".default.weight")], t), k
+    # The merged weights, what an export gets: the base plus (alpha / r) * B @ A of the saved adapter.
+    merged = peft_model.merge_and_unload().state_dict()
+    base = BlipForConditionalGeneration.from_pretrained(tiny_blip_dir).state_dict()
+    qkv = "vision_model.encoder.layers.9.self_attn.qkv"
+    a, b = adapter[f"base_model.model.{qkv}.lora_A.weight"], adapter[f"base_model.model.{qkv}.lora_B.weight"]
+    scale = adapter_config["lora_alpha"] / adapter_config["r"]
+    assert not torch.equal(merged[qkv + ".weight"], base[qkv + ".weight"])
+    assert torch.allclose(merged[qkv + ".weight"], base[qkv + ".weight"] + scale * b @ a, atol=1e-6)
 
 
-def test_resume_gives_identical_adapter_and_logged_losses(straight_run, tiny_blip_dir, mirror_data, tmp_path):
+def test_resume_gives_identical_adapter_and_logged_losses(straight_run, tiny_blip_dir, mirror_data, tmp_path,
+                                                          count_optimizer_steps):
+    from safetensors.torch import load_file, save_file
+
     straight, _ = straight_run
     first = train_blip.main(args(tiny_blip_dir, mirror_data, tmp_path, "--EPOCHS=1", "--NUM_WORKERS=1"))
     assert first["epochs"] == 1
+    control = tmp_path.parent / f"{tmp_path.name}-control"  # the same checkpoint, one weight altered
+    shutil.copytree(tmp_path, control)
+    count_optimizer_steps.clear()
     resumed = train_blip.main(args(tiny_blip_dir, mirror_data, tmp_path, "--EPOCHS=2", "--NUM_WORKERS=1"))
     assert resumed["resumed_from"].endswith("step-00000006")
+    assert len(count_optimizer_steps) == 12 - 6  # continued: a restart from scratch would also match, in 12
     a, b = load_adapter(straight), load_adapter(tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert logged_losses(straight) == logged_losses(tmp_path)
 
+    # The control: resuming from an altered checkpoint must end differently, or nothing was loaded.
+    weights_path = control / "checkpoints" / "step-00000006" / "model.safetensors"
+    weights = load_file(weights_path)
+    weights[sorted(k for k in weights if "lora_B" in k)[0]] += 1e-3
+    save_file(weights, weights_path, metadata={"format": "pt"})
+    train_blip.main(args(tiny_blip_dir, mirror_data, control, "--EPOCHS=2", "--NUM_WORKERS=0"))
+    c = load_adapter(control)
+    assert not all(torch.equal(a[k], c[k]) for k in a), "the altered checkpoint changed nothing: it was not loaded"
+
 
 def test_ctrl_c_saves_a_checkpoint_mid_epoch_and_resume_matches(straight_run, tiny_blip_dir, mirror_data, tmp_path,
-                                                                 monkeypatch, capsys):
+                                                                 monkeypatch, capsys, count_optimizer_steps):
     straight, _ = straight_run
     real_write = train_blip.write_metrics
 
@@ -325,8 +411,10 @@ def test_ctrl_c_saves_a_checkpoint_mid_epoch_and_resume_matches(straight_run, ti
     assert "checkpoint: " + str(tmp_path / "checkpoints" / "step-00000008") in out
     assert "resume with: python train_blip.py" in out
     monkeypatch.setattr(train_blip, "write_metrics", real_write)
+    count_optimizer_steps.clear()
     resumed = train_blip.main(args(tiny_blip_dir, mirror_data, tmp_path, "--EPOCHS=2"))
     assert resumed["resumed_from"].endswith("step-00000008")
+    assert len(count_optimizer_steps) == 12 - 8
     a, b = load_adapter(straight), load_adapter(tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert logged_losses(straight) == logged_losses(tmp_path)
@@ -346,13 +434,19 @@ def test_batch_size_and_accumulation_compute_the_same_step(tiny_blip_dir, mirror
 
 
 def test_full_fine_tune_saves_a_whole_model(tiny_blip_dir, mirror_data, tmp_path):
+    from safetensors.torch import load_file
     from transformers import BlipForConditionalGeneration
 
     results = train_blip.main(args(tiny_blip_dir, mirror_data, tmp_path, "--USE_LORA=False", "--MAX_STEPS=1"))
     assert results["trainable_params"] == results["total_params"]
     assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "adapter_config.json").exists()
     assert "preprocessed images" in results["prefix_cache_note"]
-    BlipForConditionalGeneration.from_pretrained(tmp_path)
+    loaded = BlipForConditionalGeneration.from_pretrained(tmp_path).state_dict()
+    base = BlipForConditionalGeneration.from_pretrained(tiny_blip_dir).state_dict()
+    trained = load_file(tmp_path / "checkpoints" / "step-00000001" / "model.safetensors")  # every weight: all train
+    assert all(torch.equal(loaded[k.removeprefix("model.")], v) for k, v in trained.items())
+    changed = [k for k in base if not torch.equal(loaded[k], base[k])]
+    assert len(changed) > 100, changed  # one step of AdamW moves (nearly) every weight
 
 
 def test_augment_and_disk_bound_switch_the_cache(tiny_blip_dir, mirror_data, tmp_path):
@@ -463,7 +557,7 @@ def test_learns_colour_names(tiny_blip_dir, tmp_path):
     assert epochs[-1] < epochs[0] / 10 and results["final_val_loss"] < 1.0
     names = sorted(held_out)
     texts = greedy_captions(BlipForConditionalGeneration.from_pretrained(out), out, tmp_path / "test", names)
-    right = sum(t.split()[:1] == [held_out[n]] for n, t in zip(names, texts))
+    right = sum(t.split()[:1] == [held_out[n]] for n, t in zip(names, texts, strict=True))
     assert right >= 0.9 * len(names), texts
 
 
