@@ -8,10 +8,18 @@ tutorial's shape (ADAPTER_DIR, built once), loaded the way each path loads it. R
 emit [SEP], and sampling could stop anywhere, so both paths generate exactly NEW_TOKENS tokens per
 image (min_new_tokens = max_new_tokens): the same work. Timing covers opening and preprocessing the
 images too, after one untimed warm-up. Each path runs in its own subprocess. The ratio is last.
+
+Roofline (benchmarks/roofline.py): first a short probe times the model's matmul shapes (4 x 577
+tokens by 768x768, 768x3072, 3072x768; best of CEILING_REPEATS, all threads) in fp32 and in the
+precision OURS_PRECISION resolves to. Each path's warm-up (one real generate() of its own path:
+one image for the baseline, one batch for ours) runs under torch's FlopCounterMode; FLOPs per
+image = that count / images (a matmul counts 2*M*N*K). Achieved GFLOP/s = FLOPs per image x
+images/s, shown as a share of the ceiling in the precision that path ran in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -23,14 +31,16 @@ _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE.parent))
 sys.path.insert(0, str(_HERE))
 
+import roofline  # noqa: E402
+from bench_train import ensure_random_blip, machine, repo_path, run_measured  # noqa: E402
+
 import common  # noqa: E402
 import families  # noqa: E402
-from bench_train import ensure_random_blip, machine, repo_path, run_measured  # noqa: E402
 
 # ---- model and images
 MODEL_DIR = ".cache/blip-random-base"  # the random BLIP-base (built once, as in bench_train.py)
 PROCESSOR_DIR = "../shared/blip_processor"  # the real processor, saved into MODEL_DIR
-ADAPTER_DIR = ".cache/blip-random-base-lora"  # a LoRA adapter of the tutorial's shape on MODEL_DIR (built once)
+ADAPTER_DIR = ".cache/blip-random-base-lora"  # an untrained LoRA of the tutorial's shape (built once)
 MIRROR_DIR = "../shared/coco_mirror"  # images are read from its val2017/
 NUM_IMAGES = 16  # images captioned by each path (the first ones by name)
 # ---- decoding (both paths)
@@ -40,6 +50,9 @@ TOP_P = 0.9  # the tutorial's sampling
 # ---- ours (inference.py)
 OURS_BATCH_SIZE = 8  # images per generate() call
 OURS_PRECISION = "auto"  # auto (bf16 where native and faster) | fp32 | bf16
+# ---- roofline
+ROOFLINE = True  # probe the matmul ceiling first and count the FLOPs of each path's warm-up generate()
+CEILING_REPEATS = 8  # timed calls per matmul shape in the ceiling probe (the best one counts)
 # ---- run
 RUN = "both"  # both | baseline | ours  (baseline-child / ours-child: used internally for the subprocesses)
 RESULTS_PATH = "benchmarks/results/caption.json"  # all figures, machine and commands (gitignored)
@@ -68,7 +81,8 @@ def ensure_adapter(model_dir: Path, adapter_dir: Path) -> Path:
 def image_paths(mirror: Path, n: int) -> list[Path]:
     paths = sorted((mirror / "val2017").glob("*.jpg"))[:n]
     if len(paths) < n:
-        raise common.UserError(f"only {len(paths)} images in {mirror / 'val2017'}; lower NUM_IMAGES or set MIRROR_DIR")
+        raise common.UserError(f"only {len(paths)} images in {mirror / 'val2017'}; "
+                               f"lower NUM_IMAGES or set MIRROR_DIR")
     return paths
 
 
@@ -82,7 +96,8 @@ def tutorial_captions(cfg: dict, paths: list[Path]) -> dict:
 
     model_dir, adapter_dir = repo_path(cfg["MODEL_DIR"]), repo_path(cfg["ADAPTER_DIR"])
     processor = BlipProcessor.from_pretrained(model_dir)
-    model = PeftModel.from_pretrained(BlipForConditionalGeneration.from_pretrained(model_dir), adapter_dir).eval()
+    base = BlipForConditionalGeneration.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
     settings = dict(do_sample=True, temperature=cfg["TEMPERATURE"], top_p=cfg["TOP_P"],
                     min_new_tokens=cfg["NEW_TOKENS"], max_new_tokens=cfg["NEW_TOKENS"])
 
@@ -95,12 +110,20 @@ def tutorial_captions(cfg: dict, paths: list[Path]) -> dict:
         return processor.decode(ids[0], skip_special_tokens=True)
 
     torch.manual_seed(0)
-    caption(paths[0])  # warm-up
+    with roofline.FlopCount() if cfg["ROOFLINE"] else contextlib.nullcontext() as count:
+        caption(paths[0])  # warm-up (counted: one real generate() of one image)
     start = time.perf_counter()
     captions = [caption(p) for p in paths]
     elapsed = time.perf_counter() - start
     return {"images_per_s": len(paths) / elapsed, "timed_s": elapsed, "images": len(paths),
-            "batch_size": 1, "precision": "fp32", "example": captions[0]}
+            "batch_size": 1, "precision": "fp32", "example": captions[0], "flops": flops_of(count, 1)}
+
+
+def flops_of(count, images: int) -> dict | None:
+    if count is None:
+        return None
+    return {"flops_per_image": count.total / images, "images_counted": images,
+            "by_op_gflop": {k: round(v / 1e9, 2) for k, v in count.by_op.items()}}
 
 
 def our_captions(cfg: dict, paths: list[Path]) -> dict:
@@ -110,32 +133,37 @@ def our_captions(cfg: dict, paths: list[Path]) -> dict:
 
     import inference
 
-    model, processor, _ = inference.load_captioner(repo_path(cfg["ADAPTER_DIR"]))
+    model, family, _ = inference.load_captioner(repo_path(cfg["ADAPTER_DIR"]))
     settings = dict(do_sample=True, temperature=cfg["TEMPERATURE"], top_p=cfg["TOP_P"], num_beams=1,
                     min_new_tokens=cfg["NEW_TOKENS"], max_new_tokens=cfg["NEW_TOKENS"])
     batch = cfg["OURS_BATCH_SIZE"]
     dtype = inference.set_precision(model, cfg["OURS_PRECISION"], "cpu")
 
-    # Warm-up on one batch, checking that every caption really is NEW_TOKENS tokens long.
+    # Warm-up on one batch (counted: one real generate() of inference's path), checking that every
+    # caption really is NEW_TOKENS tokens long.
     torch.manual_seed(0)
     warm = [common.open_image(p) for p in paths[:batch]]
-    pixels = inference.preprocess(processor, warm).to(dtype)
-    ids, _ = inference.generate_ids(model, pixels, **settings)
+    with roofline.FlopCount() if cfg["ROOFLINE"] else contextlib.nullcontext() as count:
+        pixels = family.pixel_values(warm).to(dtype)
+        ids, _ = inference.generate_ids(model, family, pixels, **settings)
     assert ids.shape[1] == 1 + cfg["NEW_TOKENS"], ids.shape
 
     start = time.perf_counter()
     images = [common.open_image(p) for p in paths]
-    captions = inference.caption_images(model, processor, images, batch_size=batch, **settings)
+    captions = inference.caption_images(model, family, images, batch_size=batch, **settings)
     elapsed = time.perf_counter() - start
     return {"images_per_s": len(paths) / elapsed, "timed_s": elapsed, "images": len(paths),
-            "batch_size": batch, "precision": str(dtype).replace("torch.", ""), "example": captions[0]}
+            "batch_size": batch, "precision": str(dtype).replace("torch.", ""), "example": captions[0],
+            "flops": flops_of(count, len(warm))}
 
 
 def in_subprocess(cfg: dict, which: str, out: Path) -> dict:
     result_file = out / f"{which}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), f"--RUN={which}-child", f"--RESULTS_PATH={result_file}"]
+    cmd = [sys.executable, str(Path(__file__).resolve()), f"--RUN={which}-child",
+           f"--RESULTS_PATH={result_file}"]
     cmd += [f"--{k}={cfg[k]}" for k in ("MODEL_DIR", "ADAPTER_DIR", "MIRROR_DIR", "NUM_IMAGES", "NEW_TOKENS",
-                                         "TEMPERATURE", "TOP_P", "OURS_BATCH_SIZE", "OURS_PRECISION")]
+                                         "TEMPERATURE", "TOP_P", "OURS_BATCH_SIZE", "OURS_PRECISION",
+                                         "ROOFLINE")]
     run = run_measured(cmd, out / f"{which}.log")
     if run["returncode"] != 0:
         tail = Path(run["log"]).read_text().strip().splitlines()[-1:]
@@ -164,12 +192,19 @@ def main(argv=None):
 
     model_dir = ensure_random_blip(repo_path(cfg["MODEL_DIR"]), repo_path(cfg["PROCESSOR_DIR"]))
     ensure_adapter(model_dir, repo_path(cfg["ADAPTER_DIR"]))
-    report = {"machine": machine(), "config": cfg}
+    report = {"machine": machine(), "config": cfg, "flop_note": roofline.FLOP_NOTE}
+    if cfg["ROOFLINE"]:  # first, on a machine not yet busy with the paths
+        import bench_train
+
+        wanted = ["fp32"] if cfg["RUN"] in ("both", "baseline") else []
+        if cfg["RUN"] in ("both", "ours"):
+            wanted.append(common.resolve_precision(cfg["OURS_PRECISION"], "cpu"))
+        report["ceiling"] = bench_train.probe_ceilings(cfg, wanted)
     with tempfile.TemporaryDirectory(prefix="bench_caption_") as tmp:
         for which in ("baseline", "ours"):
             if cfg["RUN"] in ("both", which):
-                print(f"== {which}: {'one image at a time, fp32' if which == 'baseline' else 'inference.py'} ==",
-                      flush=True)
+                what = "one image at a time, fp32" if which == "baseline" else "inference.py"
+                print(f"== {which}: {what} ==", flush=True)
                 report[which] = in_subprocess(cfg, which, Path(tmp))
     report["machine"]["load_average_1min_after"] = round(os.getloadavg()[0], 2)
 
@@ -181,6 +216,16 @@ def main(argv=None):
             r = report[which]
             print(f"{which:>8}: {r['images_per_s']:.3f} images/s (batch {r['batch_size']}, {r['precision']}, "
                   f"{cfg['NEW_TOKENS']} tokens each), peak RSS {r['peak_rss_mb']:.0f} MB")
+    if cfg["ROOFLINE"]:
+        print(f"roofline ({roofline.FLOP_NOTE}; rate = images/s above):")
+        for which in ("baseline", "ours"):
+            r = report.get(which, {})
+            if r.get("flops"):
+                if r["precision"] not in report["ceiling"]:
+                    report["ceiling"].update(bench_train.probe_ceilings(cfg, [r["precision"]]))
+                r["roofline"] = roofline.share(r["flops"]["flops_per_image"], r["images_per_s"],
+                                               report["ceiling"][r["precision"]])
+                print(roofline.describe(which, r["roofline"], "image"))
     if "baseline" in report and "ours" in report:
         report["speedup"] = report["ours"]["images_per_s"] / report["baseline"]["images_per_s"]
     common.atomic_write_json(results_path, report)
