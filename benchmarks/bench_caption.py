@@ -54,7 +54,7 @@ OURS_PRECISION = "auto"  # auto (bf16 where native and faster) | fp32 | bf16
 ROOFLINE = True  # probe the matmul ceiling first and count the FLOPs of each path's warm-up generate()
 CEILING_REPEATS = 8  # timed calls per matmul shape in the ceiling probe (the best one counts)
 # ---- run
-RUN = "both"  # both | baseline | ours  (baseline-child / ours-child: used internally for the subprocesses)
+RUN = "both"  # both | baseline | ours | levers  (baseline-child / ours-child: internal, the subprocesses)
 RESULTS_PATH = "benchmarks/results/caption.json"  # all figures, machine and commands (gitignored)
 
 _LORA_TARGETS = list(families.Blip.lora_targets)  # the tutorial's
@@ -157,6 +157,81 @@ def our_captions(cfg: dict, paths: list[Path]) -> dict:
             "flops": flops_of(count, len(warm))}
 
 
+# ----------------------------------------------------------------------------- levers (prototypes)
+def static_cache(model, max_length: int):
+    """A static self-attention KV cache with an ordinary cross-attention cache. generate(
+    cache_implementation="static") cannot be used on BLIP: it sizes the cross-attention cache to
+    max_length too, and the 577 image tokens overflow it (IndexError in StaticLayer.update)."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
+
+    text = families.base_model(model).text_decoder.config
+    return EncoderDecoderCache(StaticCache(config=text, max_cache_len=max_length), DynamicCache())
+
+
+def measure_levers(cfg: dict, paths: list[Path]) -> dict:
+    """Each captioning lever on the same batch in one process, greedy, with an exactness check
+    against inference.py's path: time of the vision tower and of decoding, a static KV cache,
+    bf16 for the vision tower only, batch size, and what beams add (FLOPs counted)."""
+    import torch
+
+    import inference
+
+    model, family, _ = inference.load_captioner(repo_path(cfg["ADAPTER_DIR"]))
+    base = families.base_model(model)
+    images = [common.open_image(p) for p in paths[: cfg["OURS_BATCH_SIZE"]]]
+    pixels = family.pixel_values(images)
+    greedy = dict(num_beams=1, do_sample=False, min_new_tokens=cfg["NEW_TOKENS"],
+                  max_new_tokens=cfg["NEW_TOKENS"])
+    out, n = {"images": len(images), "load_average_1min": [round(os.getloadavg()[0], 2)]}, len(images)
+
+    def timed(fn):
+        start = time.perf_counter()
+        result = fn()
+        return result, time.perf_counter() - start
+
+    with torch.inference_mode():
+        stages = family.vision_stages(base)
+        reference, t_all = timed(lambda: inference.generate_ids(model, family, pixels, **greedy)[0])
+        embeds, t_vision = timed(lambda: families.run_stages(stages, pixels))
+        _, t_decode = timed(lambda: family.generate_from_embeds(base, embeds, **greedy))
+        out["inference_path_s_per_image"] = round(t_all / n, 3)
+        out["vision_s_per_image"] = round(t_vision / n, 3)
+        out["decode_s_per_image"] = round(t_decode / n, 3)
+        # static self-attention cache (prototype; generate's own cache_implementation="static" fails)
+        ids, t_static = timed(lambda: family.generate_from_embeds(
+            base, embeds, past_key_values=static_cache(model, 1 + cfg["NEW_TOKENS"]), **greedy))
+        out["static_cache"] = {"decode_s_per_image": round(t_static / n, 3),
+                               "exact": torch.equal(ids, reference)}
+        # bf16 vision tower only, on one image (on a CPU without native bf16 this is emulated and slow)
+        one = pixels[:1]
+        fp32_one, t32 = timed(lambda: families.run_stages(stages, one))
+        base.vision_model.to(torch.bfloat16)
+        try:
+            bf16_one, t16 = timed(lambda: families.run_stages(stages, one.bfloat16()).float())
+        finally:
+            base.vision_model.to(torch.float32)
+        ids16 = family.generate_from_embeds(base, bf16_one, **greedy)
+        out["bf16_vision"] = {"fp32_vision_s": round(t32, 3), "bf16_vision_s": round(t16, 3),
+                              "max_abs_diff": float((bf16_one - fp32_one).abs().max()),
+                              "same_caption": torch.equal(ids16, reference[:1])}
+        # batch size: the same images one batch of n vs batches of n/2
+        half = max(1, n // 2)
+        _, t_half = timed(lambda: [inference.generate_ids(model, family, pixels[i : i + half], **greedy)
+                                   for i in range(0, n, half)])
+        out["batch"] = {f"batch_{n}_images_per_s": round(n / t_all, 3),
+                        f"batch_{half}_images_per_s": round(n / t_half, 3)}
+        # beams: what 3 beams cost over 1 (counted FLOPs per image and time), on one image
+        beams = {}
+        for k in (1, 3):
+            with roofline.FlopCount() as count:
+                _, t = timed(lambda k=k: family.generate_from_embeds(base, embeds[:1],
+                                                                     **{**greedy, "num_beams": k}))
+            beams[f"beams_{k}"] = {"decode_gflop": round(count.total / 1e9, 1), "decode_s": round(t, 3)}
+        out["beams"] = beams
+    out["load_average_1min"].append(round(os.getloadavg()[0], 2))
+    return out
+
+
 def in_subprocess(cfg: dict, which: str, out: Path) -> dict:
     result_file = out / f"{which}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), f"--RUN={which}-child",
@@ -176,7 +251,7 @@ def in_subprocess(cfg: dict, which: str, out: Path) -> dict:
 def main(argv=None):
     cfg = common.configure(globals(), argv, __doc__)
     common.print_config(cfg, "bench_caption.py")
-    valid = ("both", "baseline", "ours", "baseline-child", "ours-child")
+    valid = ("both", "baseline", "ours", "levers", "baseline-child", "ours-child")
     if cfg["RUN"] not in valid:
         raise common.UserError(f"RUN={cfg['RUN']!r}; valid values: {', '.join(valid[:3])}")
     if cfg["NUM_IMAGES"] < 1 or cfg["OURS_BATCH_SIZE"] < 1 or cfg["NEW_TOKENS"] < 1:
@@ -184,6 +259,11 @@ def main(argv=None):
     paths = image_paths(repo_path(cfg["MIRROR_DIR"]), cfg["NUM_IMAGES"])
     results_path = repo_path(cfg["RESULTS_PATH"])
 
+    if cfg["RUN"] == "levers":
+        result = measure_levers(cfg, paths)
+        print(json.dumps(result, indent=1))
+        common.atomic_write_json(results_path, {"levers": result, "machine": machine(), "config": cfg})
+        return result
     if cfg["RUN"].endswith("-child"):  # inside a subprocess that in_subprocess started
         which = cfg["RUN"].removesuffix("-child")
         result = {which: (tutorial_captions if which == "baseline" else our_captions)(cfg, paths)}
