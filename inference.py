@@ -697,8 +697,9 @@ def main(argv=None):
     show = {True: "always", False: "never"}.get(cfg["SHOW"], cfg["SHOW"])
     if show not in ("auto", "always", "never"):
         raise UserError(f"SHOW={cfg['SHOW']!r}; valid values: auto, always, never")
-    if cfg["BATCH_SIZE"] < 1 or cfg["NUM_BEAMS"] < 1 or cfg["MAX_LENGTH"] <= cfg["MIN_LENGTH"]:
-        raise UserError("need BATCH_SIZE >= 1, NUM_BEAMS >= 1 and MAX_LENGTH > MIN_LENGTH")
+    # MIN_LENGTH == MAX_LENGTH forces captions of exactly that length: legitimate, generate() accepts it.
+    if cfg["BATCH_SIZE"] < 1 or cfg["NUM_BEAMS"] < 1 or cfg["MAX_LENGTH"] < cfg["MIN_LENGTH"]:
+        raise UserError("need BATCH_SIZE >= 1, NUM_BEAMS >= 1 and MAX_LENGTH >= MIN_LENGTH")
 
     # Everything that can fail cheaply fails before the model loads.
     model_dir = read_model_dir(cfg["ADAPTER_DIR"])

@@ -15,10 +15,19 @@ The baseline runs twice: as written, and with denormal floats flushed to zero (o
 torch.set_flush_denormal, which train_blip.py also does). Random weights produce tiny gradients
 that x86 CPUs handle ~100x slower, which may not happen with real weights; the last line compares
 with the flushed baseline, so that artefact never inflates the ratio.
+
+Roofline (benchmarks/roofline.py): before the paths run, a short probe times the model's own
+matmul shapes (4 x 577 tokens by 768x768, 768x3072, 3072x768) in the precision train_blip.py's
+PRECISION resolves to (and in fp32 for the baseline), best of CEILING_REPEATS, all threads. Model
+FLOPs per sample are counted with torch's FlopCounterMode (a matmul counts 2*M*N*K; elementwise
+work is not counted): for ours, one optimizer step of train_blip.py's own path with the prefix
+cache filled (the steady state its samples/s measures); for the baseline, its first (untimed)
+sample. Achieved GFLOP/s = counted FLOPs x measured samples/s, shown as a share of the ceiling.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -33,6 +42,9 @@ from pathlib import Path
 
 _REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_REPO))
+sys.path.insert(0, str(_REPO / "benchmarks"))
+
+import roofline  # noqa: E402
 
 import common  # noqa: E402
 import families  # noqa: E402
@@ -53,10 +65,13 @@ GRAD_ACCUM = 4  # samples per optimizer step in the baseline (batch size 1)
 # ---- baseline timing
 BASELINE_WARMUP = 4  # untimed samples first (a multiple of GRAD_ACCUM)
 BASELINE_SAMPLES = 16  # timed samples (a multiple of GRAD_ACCUM)
-BASELINE_FLUSH_DENORMALS = [False, True]  # baseline runs: as written (False), and with flushed denormals (True)
+BASELINE_FLUSH_DENORMALS = [False, True]  # baseline runs: as written (False), with flushed denormals (True)
 # ---- ours
 OURS_EPOCHS = 3  # train_blip.py epochs; it reports samples/s after the first (prefix cache warm)
 OURS_ARGS = []  # extra --NAME=value settings for train_blip.py, e.g. ["--BATCH_SIZE=8"]
+# ---- roofline
+ROOFLINE = True  # probe the matmul ceiling first and count model FLOPs (adds ~1 minute)
+CEILING_REPEATS = 8  # timed calls per matmul shape in the ceiling probe (the best one counts)
 # ---- run
 RUN = "both"  # both | baseline | ours  (baseline-child: used internally for the baseline subprocess)
 RESULTS_PATH = "benchmarks/results/train.json"  # all figures, machine and commands (gitignored)
@@ -116,8 +131,8 @@ def download_data(mirror: Path, data_dir: Path, num_images: int) -> Path:
 def machine() -> dict:
     import torch
 
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor())
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "bf16_native": common.cpu_supports_bf16(), "torch": torch.__version__,
             "load_average_1min": round(os.getloadavg()[0], 2)}
@@ -148,21 +163,27 @@ def tutorial_loop(cfg: dict, model_dir: Path, data_dir: Path) -> dict:
 
     model.train()
     n_warm, n_timed, accum = cfg["BASELINE_WARMUP"], cfg["BASELINE_SAMPLES"], cfg["GRAD_ACCUM"]
+    flops = None
     for i in range(n_warm + n_timed):
         if i == n_warm:
             start = time.perf_counter()
         file_name, caption = captions[i % len(captions)]
         image = Image.open(data_dir / file_name).convert("RGB")
         inputs = processor(images=image, text=caption, return_tensors="pt")
-        loss = model(**inputs, labels=inputs["input_ids"]).loss
-        (loss / accum).backward()
+        # The first (untimed) sample's forward and backward are counted: the baseline's FLOPs per sample.
+        with roofline.FlopCount() if i == 0 and cfg["ROOFLINE"] else contextlib.nullcontext() as count:
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
+            (loss / accum).backward()
+        if count is not None:
+            flops = {"flops_per_sample": count.total, "caption_tokens": [int(inputs["input_ids"].shape[1])],
+                     "by_op_gflop": {k: round(v / 1e9, 2) for k, v in count.by_op.items()}}
         if (i + 1) % accum == 0:
             optimizer.step()
             optimizer.zero_grad()
         print(f"baseline sample {i + 1}/{n_warm + n_timed} loss {loss.item():.3f}", flush=True)
     elapsed = time.perf_counter() - start
     return {"samples_per_s": n_timed / elapsed, "timed_samples": n_timed, "timed_s": elapsed,
-            "batch_size": 1, "precision": "fp32", "flush_denormals": flush}
+            "batch_size": 1, "precision": "fp32", "flush_denormals": flush, "flops": flops}
 
 
 # ----------------------------------------------------------------------------- subprocesses
@@ -217,10 +238,10 @@ def run_measured(cmd: list[str], log_path: Path) -> dict:
 def baseline_in_subprocess(cfg: dict, out: Path, flush_denormals: bool) -> dict:
     name = "baseline_flushed" if flush_denormals else "baseline"
     result_file = out / f"{name}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--RUN=baseline-child", f"--RESULTS_PATH={result_file}",
-           f"--BASELINE_FLUSH_DENORMALS=[{flush_denormals}]"]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--RUN=baseline-child",
+           f"--RESULTS_PATH={result_file}", f"--BASELINE_FLUSH_DENORMALS=[{flush_denormals}]"]
     for key in ("MODEL_DIR", "DATA_DIR", "BASELINE_WARMUP", "BASELINE_SAMPLES", "LR", "GRAD_ACCUM",
-                "LORA_R", "LORA_ALPHA", "LORA_DROPOUT"):
+                "LORA_R", "LORA_ALPHA", "LORA_DROPOUT", "ROOFLINE"):
         cmd.append(f"--{key}={cfg[key]}")
     cmd.append(f"--LORA_TARGETS={json.dumps(list(cfg['LORA_TARGETS']))}")
     run = run_measured(cmd, out / f"{name}.log")
@@ -248,13 +269,54 @@ def ours_in_subprocess(cfg: dict, out: Path, model_dir: Path, data_dir: Path) ->
             "results": results, **run}
 
 
+# ----------------------------------------------------------------------------- roofline
+def ours_precision(cfg: dict) -> str:
+    """The precision train_blip.py will run in: its PRECISION (default or from OURS_ARGS), resolved."""
+    import train_blip
+
+    return common.resolve_precision(common.configure(vars(train_blip), cfg["OURS_ARGS"])["PRECISION"], "cpu")
+
+
+def probe_ceilings(cfg: dict, precisions) -> dict:
+    """{precision: matmul_ceiling result}; printed as it goes (a few seconds each)."""
+    out = {}
+    for precision in dict.fromkeys(precisions):
+        c = out[precision] = roofline.matmul_ceiling(precision, repeats=cfg["CEILING_REPEATS"])
+        print(f"matmul ceiling, {precision}: {c['gflops']:.1f} GFLOP/s (F.linear, best of {c['repeats']}, "
+              f"{c['threads']} threads; per shape {c['per_shape_gflops']}; load average "
+              f"{c['load_average_1min'][0]} -> {c['load_average_1min'][1]})", flush=True)
+    return out
+
+
+def add_roofline(cfg: dict, report: dict, model_dir: Path, data_dir: Path, tmp: Path) -> None:
+    """Counted FLOPs per sample, achieved GFLOP/s and the share of the ceiling, for each path run."""
+    ceilings = report["ceiling"]
+    if "ours" in report:
+        o = report["ours"]
+        precision = o["results"].get("precision") or ours_precision(cfg)
+        if precision not in ceilings:  # train_blip.py resolved 'auto' differently from the probe
+            ceilings.update(probe_ceilings(cfg, [precision]))
+        print("== counting the FLOPs of one steady-state step of train_blip.py ==", flush=True)
+        o["flops"] = roofline.train_step_flops(str(model_dir), str(data_dir), cfg["OURS_ARGS"], out_dir=tmp)
+        o["roofline"] = roofline.share(o["flops"]["flops_per_sample"], o["samples_per_s"],
+                                       ceilings[precision])
+        epochs_s = sum(o["results"].get("epoch_train_time_s") or [])
+        o["outside_epochs_s"] = round(o["wall_s"] - epochs_s, 1)  # load, cache plan, validation, saving
+    for key in ("baseline", "baseline_flushed"):
+        if report.get(key, {}).get("flops"):
+            b = report[key]
+            b["roofline"] = roofline.share(b["flops"]["flops_per_sample"], b["samples_per_s"],
+                                           ceilings["fp32"])
+
+
 # ----------------------------------------------------------------------------- main
 def check_config(cfg: dict) -> None:
     if cfg["RUN"] not in ("both", "baseline", "ours", "baseline-child"):
         raise common.UserError(f"RUN={cfg['RUN']!r}; valid values: both, baseline, ours")
     for name in ("BASELINE_WARMUP", "BASELINE_SAMPLES"):
         if cfg[name] <= 0 or cfg[name] % cfg["GRAD_ACCUM"]:
-            raise common.UserError(f"{name}={cfg[name]} must be a positive multiple of GRAD_ACCUM={cfg['GRAD_ACCUM']}")
+            raise common.UserError(f"{name}={cfg[name]} must be a positive multiple of "
+                                   f"GRAD_ACCUM={cfg['GRAD_ACCUM']}")
     if cfg["NUM_IMAGES"] < 8:
         raise common.UserError(f"NUM_IMAGES={cfg['NUM_IMAGES']} is too few to time; use 8 or more")
 
@@ -274,19 +336,26 @@ def main(argv=None):
 
     ensure_random_blip(model_dir, repo_path(cfg["PROCESSOR_DIR"]))
     download_data(repo_path(cfg["MIRROR_DIR"]), data_dir, cfg["NUM_IMAGES"])
-    report = {"machine": machine(), "config": cfg}
+    report = {"machine": machine(), "config": cfg, "flop_note": roofline.FLOP_NOTE}
+    if cfg["ROOFLINE"]:  # first, on a machine not yet busy with the paths
+        wanted = (["fp32"] if cfg["RUN"] in ("both", "baseline") else [])
+        wanted += [ours_precision(cfg)] if cfg["RUN"] in ("both", "ours") else []
+        report["ceiling"] = probe_ceilings(cfg, wanted)
     # "baseline": the tutorial's loop as written; "baseline_flushed": the same with denormals flushed.
     paths = [("baseline_flushed" if f else "baseline", bool(f)) for f in cfg["BASELINE_FLUSH_DENORMALS"]]
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         out = Path(tmp)
         if cfg["RUN"] in ("both", "baseline"):
             for key, flush in paths:
-                print(f"== {key}: the tutorial's loop{' with flushed denormals' if flush else ''} ==", flush=True)
+                print(f"== {key}: the tutorial's loop{' with flushed denormals' if flush else ''} ==",
+                      flush=True)
                 report[key] = baseline_in_subprocess(cfg, out, flush)
         if cfg["RUN"] in ("both", "ours"):
             print("== ours: train_blip.py ==", flush=True)
             report["ours"] = ours_in_subprocess(cfg, out, model_dir, data_dir)
         report["machine"]["load_average_1min_after"] = round(os.getloadavg()[0], 2)
+        if cfg["ROOFLINE"]:
+            add_roofline(cfg, report, model_dir, data_dir, out)
         for key in ("baseline", "baseline_flushed", "ours"):
             report.get(key, {}).pop("log", None)  # the temporary folder is gone after this run
 
@@ -303,11 +372,21 @@ def main(argv=None):
         same = sorted(o["settings"]["LORA_TARGET_MODULES"] or []) == sorted(cfg["LORA_TARGETS"])
         shown = {k: v for k, v in o["settings"].items() if k != "LORA_TARGET_MODULES"}
         print(f"ours: train_blip.py with {shown}, LoRA targets {'as the baseline' if same else 'DIFFERENT'}; "
-              f"samples/s per epoch {o['results'].get('epoch_samples_per_s')} (the first fills the prefix cache)")
+              f"samples/s per epoch {o['results'].get('epoch_samples_per_s')} "
+              f"(the first fills the prefix cache)")
+        if "outside_epochs_s" in o:
+            outside = o["outside_epochs_s"]
+            print(f"ours: {o['wall_s']:.1f} s whole process, {outside:.1f} s of it outside training epochs "
+                  f"({100 * outside / o['wall_s']:.0f}%: start-up, validation, sample captions, saving)")
         for key in ("baseline", "baseline_flushed"):
             if key in report:
                 report[f"speedup_vs_{key}"] = o["samples_per_s"] / report[key]["samples_per_s"]
                 report[f"extra_rss_mb_vs_{key}"] = o["peak_rss_mb"] - report[key]["peak_rss_mb"]
+    if cfg["ROOFLINE"]:
+        print(f"roofline ({roofline.FLOP_NOTE}; rate = samples/s above):")
+        for key in ("baseline", "baseline_flushed", "ours"):
+            if "roofline" in report.get(key, {}):
+                print(roofline.describe(key, report[key]["roofline"], "sample"))
     common.atomic_write_json(results_path, report)
     # The headline compares with the flushed baseline where there is one: it is the fairer (the
     # slower figure as written may be an artefact of random weights), and the smaller ratio.
