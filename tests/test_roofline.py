@@ -69,7 +69,7 @@ def test_equal_min_and_max_length_gives_captions_of_exactly_that_length(tmp_path
                           "--PRECISION=fp32", "--REFERENCES=None", "--SHOW=never", "--BATCH_SIZE=2",
                           f"--RESULTS_PATH={tmp_path / 'r.json'}", f"--FIGURE_PATH={tmp_path / 'f.png'}"])
     assert len(out["images"]) == 3 and all(r["fine_tuned"] and r["base"] for r in out["images"])
-    assert out["generate"]["min_length"] == out["generate"]["max_length"] == length
+    assert out["generate"]["min_new_tokens"] == out["generate"]["max_new_tokens"] == length - 1
     text = families.load(inference.read_model_dir(adapter_dir)["base"]).config.text_config
     assert len(seen) == 4  # 2 batches x (fine-tuned, base)
     for ids in seen:
