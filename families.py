@@ -350,8 +350,79 @@ class Git(Family):
     vision_modules = ("git.image_encoder", "git.visual_projection")
 
 
+# ---- LLaVA and Idefics3 / SmolVLM
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class Llava(PromptedDecoder):
+    """LlavaForConditionalGeneration (LLaVA / LLaVA-1.5): CLIP patches of one layer (the second to
+    last by default) through a 2-layer MLP projector replace the <image> tokens of a chat prompt in a
+    Llama/Vicuna decoder. Prompt: "USER: <image>\nDescribe this image in one sentence. ASSISTANT:"
+    (the processor's chat template); the caption ends with the tokenizer's EOS.
+
+    The vision layers after the one LLaVA reads are removed when the model loads: they cost a
+    forward pass for nothing, and LoRA on them ("all-linear") would never get a gradient (a dead
+    adapter, which also makes DDP fail). The model computes the same, and saves that way (MERGE_TO)."""
+
+    name = "llava"
+    model_types = ("llava",)
+    vision_modules = ("model.vision_tower", "model.multi_modal_projector")  # FREEZE_VISION: tower + projector
+    language_model = "model.language_model"
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        """q/k/v/o of every decoder layer, named in full: the CLIP tower has q_proj/k_proj/v_proj too."""
+        layers = self.config.get_text_config().num_hidden_layers
+        lm = self.language_model
+        return tuple(f"{lm}.layers.{i}.self_attn.{p}" for i in range(layers) for p in _ATTENTION)
+
+    def load_model(self, model_id: str, constant: str = "MODEL_ID", **kwargs):
+        return drop_unread_vision_layers(super().load_model(model_id, constant, **kwargs))
+
+
+def drop_unread_vision_layers(model):
+    """Remove the CLIP layers after the last one LLaVA reads (vision_feature_layer); the index it
+    reads becomes a positive one, which means the same layer with fewer layers after it."""
+    config = model.config
+    layers = model.model.vision_tower.encoder.layers
+    n = len(layers)
+    picked = config.vision_feature_layer
+    wanted = [k if k >= 0 else n + 1 + k for k in (picked if isinstance(picked, (list, tuple)) else [picked])]
+    keep = max(wanted)  # hidden_states[k] is the output of layer k - 1
+    if keep < n:
+        del layers[keep:]
+        config.vision_config.num_hidden_layers = keep
+        config.vision_feature_layer = wanted if isinstance(picked, (list, tuple)) else wanted[0]
+    return model
+
+
+class Idefics3(PromptedDecoder):
+    """Idefics3ForConditionalGeneration / SmolVLMForConditionalGeneration (SmolVLM-256M/500M/2B,
+    Idefics3-8B): SigLIP patches, pixel-shuffled and projected by the connector, fill the <image>
+    tokens (between <fake_token_around_image><global-img> markers) of a chat prompt in a Llama /
+    SmolLM decoder. Prompt: "<|im_start|>User:<image>Describe this image in one sentence.
+    <end_of_utterance>\nAssistant:" (the processor's chat template); the caption ends with
+    <end_of_utterance>, as the template writes the assistant turn.
+
+    Each image is one square frame at the processor's max_image_size (do_image_splitting=False):
+    64 image tokens for SmolVLM-256M, instead of up to 17 frames of them. Every image then gets the
+    same prompt, and a batch stacks."""
+
+    name = "idefics3"
+    model_types = ("idefics3", "smolvlm")
+    vision_modules = ("model.vision_model", "model.connector")  # FREEZE_VISION: tower + connector
+    language_model = "model.text_model"
+    image_kwargs = {"do_image_splitting": False}
+    lora_targets = Llava.lora_targets
+
+    def pixel_values(self, images) -> torch.Tensor:
+        """(images, 1 frame, 3, size, size): one list per image, else they are one sample's frames."""
+        return self.processor.image_processor([[im] for im in images], return_tensors="pt",
+                                              **self.image_kwargs).pixel_values
+
+
 # ----------------------------------------------------------------------------- the registry
-FAMILIES = {cls.name: cls for cls in (Blip, Git)}
+FAMILIES = {cls.name: cls for cls in (Blip, Git, Llava, Idefics3)}
 
 # Families users ask for that transformers cannot train, and why; each gets its own one-line error.
 _NOT_SUPPORTED = {
