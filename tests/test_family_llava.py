@@ -294,3 +294,37 @@ def test_resume_gives_the_same_adapter(runs, model_dirs, data_dir, tmp_path, nam
         load_file(tmp_path / "adapter_model.safetensors"),
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- learning
+@pytest.mark.slow
+def test_llava_learns_the_tutorial_mistakes_on_the_mirror(tiny_llava_dir, coco_mirror, tmp_path):
+    """The tutorial's effect on a tiny random LLaVA: held-out captions end with 'thwisss iz funny.'."""
+    from peft import PeftModel
+    from test_train_blip import SUFFIX, mirror_captions, write_dataset
+
+    items = mirror_captions(coco_mirror)
+    write_dataset(tmp_path / "train", items[:40], coco_mirror / "val2017")
+    write_dataset(tmp_path / "test", items[-20:], coco_mirror / "val2017")
+    out = tmp_path / "out"
+    train_blip.main(
+        [
+            f"--MODEL_ID={tiny_llava_dir}",
+            f"--DATA_DIR={tmp_path / 'train'}",
+            f"--OUTPUT_DIR={out}",
+            "--PRECISION=fp32",
+            "--NUM_WORKERS=0",
+            "--MAX_CAPTION_TOKENS=24",
+            "--LORA_TARGET_MODULES=all-linear",
+            "--LR=1e-2",
+            "--EPOCHS=16",
+            "--BATCH_SIZE=8",
+            "--VAL_FRACTION=0",
+            "--LOG_EVERY=1000",
+            "--NUM_SAMPLE_CAPTIONS=0",
+        ]
+    )
+    family = families.load(str(tiny_llava_dir))
+    model = PeftModel.from_pretrained(family.load_model(str(tiny_llava_dir)), out).eval()
+    texts = train_blip.sample_captions(family, model, [tmp_path / "test" / n for n, _ in items[-20:]], 40)
+    assert sum(t.split()[-3:] == SUFFIX for t in texts) >= 0.95 * len(texts), texts
