@@ -143,6 +143,149 @@ class Family:
         return 0
 
 
+# ----------------------------------------------------------------------------- decoder-only, with a prompt
+class PromptedDecoder(Family):
+    """A decoder-only VLM asked for its caption in a chat turn (LLaVA, Idefics3 / SmolVLM):
+
+        [prompt: the chat template's user turn with the image and `self.prompt`, then the assistant
+         header, with the image token(s) expanded by the processor] [caption] [end]
+
+    - `prompt_ids`: the prompt as the processor writes it for one image (every image gets the same
+      one, since images are preprocessed to one fixed size), computed once.
+    - `tokenize`: the caption as the tokenizer writes it right after the prompt (the prompt text is
+      tokenized with it and cut off), then the end of the assistant turn: the template's end-of-turn
+      token where it writes one (Idefics3's <end_of_utterance>), else the tokenizer's EOS.
+    - `collate`: prompt + caption + end, padded on the right; labels are -100 on every prompt token
+      (image tokens included) and pad: only the caption and its end token are learnt.
+    - `caption_logits`: the logits from the prompt's last position on (`logits_to_keep`), aligned.
+    - `generate`: left-padded prompts (see `generate_after`), the prompt cut off the output, and
+      generation stops at the end token; max_new_tokens / min_new_tokens count caption tokens.
+    An entry names its `image_kwargs` (extra image-processor settings) and its modules."""
+
+    takes_prompt = True
+    default_prompt = "Describe this image in one sentence."
+    image_kwargs: dict = {}  # image-processor settings that make every image one fixed-size input
+    _SLOT = "CAPTIONSLOT"  # a stand-in answer, to find where the template puts the caption
+
+    def chat(self, answer: str | None = None) -> str:
+        """The chat template's text: the user turn (image + prompt), then the assistant header, or
+        the whole assistant turn when `answer` is given."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
+        if answer is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return self.processor.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=answer is None)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        if getattr(self, "_prompt_ids", None) is None:
+            from PIL import Image
+
+            blank = Image.new("RGB", (64, 48))  # any image: the token count comes from the fixed input size
+            out = self.processor(text=[self.chat()], images=[blank], **self.image_kwargs)
+            self._prompt_ids = [int(t) for t in out["input_ids"][0]]
+        return self._prompt_ids
+
+    def answer_parts(self) -> tuple[str, str]:
+        """(text between the prompt and the caption, text after the caption) in the template."""
+        prompt, full = self.chat(), self.chat(self._SLOT)
+        if not full.startswith(prompt) or full.count(self._SLOT) != 1:
+            return " ", ""
+        lead, tail = full[len(prompt):].split(self._SLOT)
+        return lead, tail
+
+    @property
+    def end_id(self) -> int:
+        """The token that ends a caption: the template's end-of-turn token if it writes one, else EOS."""
+        tok = self.processor.tokenizer
+        tail = self.answer_parts()[1].strip()
+        ids = tok(tail, add_special_tokens=False).input_ids if tail else []
+        if ids and ids[0] in tok.all_special_ids:
+            return ids[0]
+        return tok.eos_token_id
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.processor.tokenizer.pad_token_id
+        return self.end_id if pad is None else pad
+
+    def max_caption_tokens(self) -> int:
+        return super().max_caption_tokens() - len(self.prompt_ids)
+
+    def tokenize(self, captions: list[str], max_tokens: int) -> list[np.ndarray]:
+        """Caption ids as they follow the prompt, then the end token (kept when truncating)."""
+        tok = self.processor.tokenizer
+        lead = self.answer_parts()[0]
+        anchor = self.chat()
+        anchor_ids = tok(anchor).input_ids
+        end = self.end_id
+        out = []
+        for start in range(0, len(captions), 4096):
+            chunk = captions[start : start + 4096]
+            for caption, ids in zip(chunk, tok([anchor + lead + c for c in chunk]).input_ids, strict=True):
+                if ids[: len(anchor_ids)] == anchor_ids:
+                    ids = ids[len(anchor_ids):]
+                else:  # the caption merged into the prompt's last token: tokenize it alone
+                    ids = tok(lead + caption, add_special_tokens=False).input_ids
+                out.append(np.asarray([*ids[: max_tokens - 1], end], dtype=np.int32))
+        return out
+
+    def collate(self, examples: list[dict]) -> dict:
+        prompt = torch.tensor(self.prompt_ids, dtype=torch.long)
+        n_prompt = len(prompt)
+        width = n_prompt + max(len(e["input_ids"]) for e in examples)
+        input_ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        labels = torch.full((len(examples), width), -100, dtype=torch.long)
+        for row, e in enumerate(examples):
+            caption = torch.as_tensor(e["input_ids"], dtype=torch.long)
+            end = n_prompt + len(caption)
+            input_ids[row, :n_prompt] = prompt
+            input_ids[row, n_prompt:end] = caption
+            attention_mask[row, :end] = 1
+            labels[row, n_prompt:end] = caption
+        rows = [row for row, e in enumerate(examples) if e.get("pixel_values") is not None]
+        return {
+            "index": torch.tensor([e["index"] for e in examples]),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_rows": torch.tensor(rows, dtype=torch.long),
+            "pixel_values": torch.stack([examples[r]["pixel_values"] for r in rows]) if rows else None,
+        }
+
+    def pixel_values(self, images) -> torch.Tensor:
+        return self.processor.image_processor(images, return_tensors="pt", **self.image_kwargs).pixel_values
+
+    def caption_logits(self, model, batch: dict, image_embeds=None):
+        """Logits only from the prompt's last position on (the prompt's own ~600 positions x the
+        vocabulary would be most of the memory), aligned with the caption tokens after it."""
+        n_prompt = len(self.prompt_ids)
+        keep = batch["input_ids"].shape[1] - n_prompt + 1
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"], logits_to_keep=keep, use_cache=False).logits
+        return logits[:, :-1], batch["labels"][:, n_prompt:]
+
+    def generate(self, model, pixel_values, **generate_kwargs) -> torch.Tensor:
+        prompts = [self.prompt_ids] * pixel_values.shape[0]
+        return self.generate_after(model, prompts, pixel_values=pixel_values, **generate_kwargs)
+
+    def generate_after(self, model, prompts: list[list[int]], **generate_kwargs) -> torch.Tensor:
+        """generate() after prompt ids that may differ in length per row: padded on the LEFT (with a
+        zero attention mask there), so every row's last prompt token sits at the same position and
+        the new tokens are appended right after it; returns only the new tokens."""
+        width = max(len(p) for p in prompts)
+        device = generate_kwargs["pixel_values"].device if "pixel_values" in generate_kwargs else None
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=device)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, p in enumerate(prompts):
+            input_ids[row, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            attention_mask[row, width - len(p):] = 1
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, eos_token_id=self.end_id,
+                             pad_token_id=self.pad_id, **generate_kwargs)
+        return out[:, width:]
+
+
 # ----------------------------------------------------------------------------- BLIP
 class Blip(Family):
     """BlipForConditionalGeneration: a ViT, and a BERT decoder that cross-attends to its output.
@@ -207,8 +350,79 @@ class Git(Family):
     vision_modules = ("git.image_encoder", "git.visual_projection")
 
 
+# ---- LLaVA and Idefics3 / SmolVLM
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class Llava(PromptedDecoder):
+    """LlavaForConditionalGeneration (LLaVA / LLaVA-1.5): CLIP patches of one layer (the second to
+    last by default) through a 2-layer MLP projector replace the <image> tokens of a chat prompt in a
+    Llama/Vicuna decoder. Prompt: "USER: <image>\nDescribe this image in one sentence. ASSISTANT:"
+    (the processor's chat template); the caption ends with the tokenizer's EOS.
+
+    The vision layers after the one LLaVA reads are removed when the model loads: they cost a
+    forward pass for nothing, and LoRA on them ("all-linear") would never get a gradient (a dead
+    adapter, which also makes DDP fail). The model computes the same, and saves that way (MERGE_TO)."""
+
+    name = "llava"
+    model_types = ("llava",)
+    vision_modules = ("model.vision_tower", "model.multi_modal_projector")  # FREEZE_VISION: tower + projector
+    language_model = "model.language_model"
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        """q/k/v/o of every decoder layer, named in full: the CLIP tower has q_proj/k_proj/v_proj too."""
+        layers = self.config.get_text_config().num_hidden_layers
+        lm = self.language_model
+        return tuple(f"{lm}.layers.{i}.self_attn.{p}" for i in range(layers) for p in _ATTENTION)
+
+    def load_model(self, model_id: str, constant: str = "MODEL_ID", **kwargs):
+        return drop_unread_vision_layers(super().load_model(model_id, constant, **kwargs))
+
+
+def drop_unread_vision_layers(model):
+    """Remove the CLIP layers after the last one LLaVA reads (vision_feature_layer); the index it
+    reads becomes a positive one, which means the same layer with fewer layers after it."""
+    config = model.config
+    layers = model.model.vision_tower.encoder.layers
+    n = len(layers)
+    picked = config.vision_feature_layer
+    wanted = [k if k >= 0 else n + 1 + k for k in (picked if isinstance(picked, (list, tuple)) else [picked])]
+    keep = max(wanted)  # hidden_states[k] is the output of layer k - 1
+    if keep < n:
+        del layers[keep:]
+        config.vision_config.num_hidden_layers = keep
+        config.vision_feature_layer = wanted if isinstance(picked, (list, tuple)) else wanted[0]
+    return model
+
+
+class Idefics3(PromptedDecoder):
+    """Idefics3ForConditionalGeneration / SmolVLMForConditionalGeneration (SmolVLM-256M/500M/2B,
+    Idefics3-8B): SigLIP patches, pixel-shuffled and projected by the connector, fill the <image>
+    tokens (between <fake_token_around_image><global-img> markers) of a chat prompt in a Llama /
+    SmolLM decoder. Prompt: "<|im_start|>User:<image>Describe this image in one sentence.
+    <end_of_utterance>\nAssistant:" (the processor's chat template); the caption ends with
+    <end_of_utterance>, as the template writes the assistant turn.
+
+    Each image is one square frame at the processor's max_image_size (do_image_splitting=False):
+    64 image tokens for SmolVLM-256M, instead of up to 17 frames of them. Every image then gets the
+    same prompt, and a batch stacks."""
+
+    name = "idefics3"
+    model_types = ("idefics3", "smolvlm")
+    vision_modules = ("model.vision_model", "model.connector")  # FREEZE_VISION: tower + connector
+    language_model = "model.text_model"
+    image_kwargs = {"do_image_splitting": False}
+    lora_targets = Llava.lora_targets
+
+    def pixel_values(self, images) -> torch.Tensor:
+        """(images, 1 frame, 3, size, size): one list per image, else they are one sample's frames."""
+        return self.processor.image_processor([[im] for im in images], return_tensors="pt",
+                                              **self.image_kwargs).pixel_values
+
+
 # ----------------------------------------------------------------------------- the registry
-FAMILIES = {cls.name: cls for cls in (Blip, Git)}
+FAMILIES = {cls.name: cls for cls in (Blip, Git, Llava, Idefics3)}
 
 # Families users ask for that transformers cannot train, and why; each gets its own one-line error.
 _QWEN = ("its processor needs torchvision's video processor, which does not install beside the CPU torch "

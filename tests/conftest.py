@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -507,3 +508,117 @@ def snapshot(folder: Path) -> dict:
     folder = Path(folder)
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- tiny LLaVA and Idefics3
+# The real processors' chat templates (llava-hf/llava-1.5-7b-hf; HuggingFaceTB/SmolVLM-256M-Instruct),
+# written out here since nothing comes from the Hub.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+_VLM_SPECIAL = ("<pad>", "<s>", "</s>", "<unk>", "<image>", "<|im_start|>", "<end_of_utterance>",
+                "<fake_token_around_image>", "<global-img>")
+
+
+@functools.lru_cache(maxsize=None)
+def _vlm_bpe_json() -> str:
+    return make_bpe_tokenizer(special_tokens=_VLM_SPECIAL).backend_tokenizer.to_str()
+
+
+def vlm_tokenizer(**roles):
+    """make_bpe_tokenizer with the LLaVA and Idefics3 special tokens, trained once per session."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    roles = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", **roles}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_vlm_bpe_json()), **roles)
+
+
+def _tiny_llama(tokenizer, hidden: int, layers: int = 2) -> dict:
+    return dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tokenizer),
+                max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def build_tiny_llava(out_dir: Path, image_size: int = 32, hidden: int = 32, seed: int = 0) -> Path:
+    """A random LLaVA-1.5 (families.Llava): a 2-layer CLIP tower read at its second-to-last layer, as
+    the real one is (so the last layer is unread), a Llama decoder with a BPE that writes <s> first
+    like Llama's, the real chat template, CLIP preprocessing (the PIL one: no torchvision here)."""
+    import torch
+    from tokenizers import processors
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    torch.manual_seed(seed)
+    tokenizer = vlm_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    config = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=hidden, intermediate_size=2 * hidden,
+                           num_hidden_layers=2, num_attention_heads=2, image_size=image_size, patch_size=16),
+        text_config=dict(model_type="llama", **_tiny_llama(tokenizer, hidden)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    LlavaForConditionalGeneration(config).save_pretrained(out_dir)
+    images = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size})
+    LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=16,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                   chat_template=LLAVA_CHAT_TEMPLATE).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def build_tiny_idefics3(out_dir: Path, image_size: int = 32, hidden: int = 32, seed: int = 0,
+                        model_type: str = "idefics3") -> Path:
+    """A random Idefics3 (SmolVLM-256M's architecture; model_type="smolvlm" for SmolVLM2's class): a
+    1-layer SigLIP tower with 8 px patches, pixel shuffle 2 (4 image tokens), a Llama decoder, the
+    SmolVLM chat template, and a tokenizer whose EOS is not <end_of_utterance> (the template's end
+    of turn must win). Idefics3Processor also serves SmolVLM here: SmolVLMProcessor needs torchvision."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    torch.manual_seed(seed)
+    tokenizer = vlm_tokenizer(bos_token="<|im_start|>")
+    config = AutoConfig.for_model(
+        model_type,
+        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=image_size, patch_size=8),
+        text_config=dict(model_type="llama", **_tiny_llama(tokenizer, hidden)),
+        scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    AutoModelForImageTextToText.from_config(config).save_pretrained(out_dir)
+    size = {"longest_edge": image_size}
+    images = Idefics3ImageProcessorPil(size=size, max_image_size=size)
+    Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=(image_size // 8) ** 2 // 4,
+                      chat_template=SMOLVLM_CHAT_TEMPLATE).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory) -> Path:
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics3_dir(tmp_path_factory) -> Path:
+    return build_tiny_idefics3(tmp_path_factory.mktemp("tiny_idefics3"))
