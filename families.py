@@ -243,6 +243,20 @@ def _image_pixels(processor, images) -> torch.Tensor:
     return out.reshape(-1, *out.shape[-3:])
 
 
+def _caption_ids(tok, captions, max_tokens: int, start: tuple = ()) -> list[np.ndarray]:
+    """start + the caption's tokens + the end token (kept when truncating), as int32 arrays. A fast
+    tokenizer keeps a truncation setting in its backend (and writes it into tokenizer.json on save,
+    where it would cut the next prompt short): it is switched off again here."""
+    ids = []
+    for i in range(0, len(captions), 4096):
+        batch = tok(captions[i : i + 4096], add_special_tokens=False, truncation=True,
+                    max_length=max_tokens - 1 - len(start))
+        ids += [np.asarray([*start, *x, tok.eos_token_id], dtype=np.int32) for x in batch.input_ids]
+    if getattr(tok, "backend_tokenizer", None) is not None:
+        tok.backend_tokenizer.no_truncation()
+    return ids
+
+
 class _PrefixDecoder(Family):
     """A decoder-only model that reads [image tokens + prompt] (the prefix, the same for every image)
     and then the caption + end token. Labels are -100 on the prefix and the pads; the logits of the
@@ -267,13 +281,7 @@ class _PrefixDecoder(Family):
     def tokenize(self, captions, max_tokens):
         """The caption's tokens and the end token (kept when truncating); no start token: the prompt
         comes before it."""
-        tok = self.processor.tokenizer
-        ids = []
-        for start in range(0, len(captions), 4096):
-            batch = tok(captions[start : start + 4096], add_special_tokens=False, truncation=True,
-                        max_length=max_tokens - 1)
-            ids += [np.asarray([*x, tok.eos_token_id], dtype=np.int32) for x in batch.input_ids]
-        return ids
+        return _caption_ids(self.processor.tokenizer, captions, max_tokens)
 
     def collate(self, examples):
         pad = self.processor.tokenizer.pad_token_id
@@ -337,7 +345,7 @@ class PaliGemma(_PrefixDecoder):
         return _lm_attention(self.config, "language_model.layers")
 
     def prefix_ids(self):
-        enc = self.processor(images=[_blank_image()], text=[self.prompt], suffix=["x"])
+        enc = self.processor(images=[_blank_image()], text=[self.prompt], suffix=["x"], truncation=False)
         ids, types = enc["input_ids"][0], enc["token_type_ids"][0]
         return [int(t) for t, k in zip(ids, types, strict=True) if k == 0]
 
@@ -368,7 +376,8 @@ class Idefics(_PrefixDecoder):
         return _lm_attention(self.config, "model.layers")
 
     def prefix_ids(self):
-        enc = self.processor(images=[_blank_image()], text=[self.prompt], return_tensors="pt")
+        enc = self.processor(images=[_blank_image()], text=[self.prompt], truncation=False,
+                             return_tensors="pt")
         self._image_from = int(enc["image_attention_mask"][0, :, 0].argmax())  # the <image> token
         return [int(t) for t in enc["input_ids"][0]]
 
@@ -396,7 +405,7 @@ class Florence2(Family):
 
     def __init__(self, config, processor, prompt=None):
         super().__init__(config, processor, prompt)
-        enc = processor(images=[_blank_image()], text=[self.prompt])
+        enc = processor(images=[_blank_image()], text=[self.prompt], truncation=False)
         self.prefix = [int(t) for t in enc["input_ids"][0]]
         text = config.get_text_config()
         self.start = [text.decoder_start_token_id, processor.tokenizer.bos_token_id]
@@ -418,13 +427,7 @@ class Florence2(Family):
     def tokenize(self, captions, max_tokens):
         """<s> caption </s> (the end token kept when truncating)."""
         tok = self.processor.tokenizer
-        ids = []
-        for start in range(0, len(captions), 4096):
-            batch = tok(captions[start : start + 4096], add_special_tokens=False, truncation=True,
-                        max_length=max_tokens - 2)
-            ids += [np.asarray([tok.bos_token_id, *x, tok.eos_token_id], dtype=np.int32)
-                    for x in batch.input_ids]
-        return ids
+        return _caption_ids(tok, captions, max_tokens, start=(tok.bos_token_id,))
 
     def collate(self, examples):
         batch = Family.collate(self, examples)  # decoder tokens <s> caption </s>, right-padded

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from conftest import make_good_images
 
 import families
 import inference
 import train_blip
-from conftest import make_good_images
 
 TRAIN = ["--PRECISION=fp32", "--NUM_WORKERS=0", "--NUM_SAMPLE_CAPTIONS=1", "--MAX_CAPTION_TOKENS=16", "--LOG_EVERY=1",
          "--BATCH_SIZE=2", "--VAL_FRACTION=0.25"]
@@ -85,6 +85,8 @@ def check_trained_run(out: Path, results: dict, family_name: str, prompt: str):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert "captions" in rows[-1]
     assert (out / "adapter_model.safetensors").is_file()
+    # the saved tokenizer does not carry the caption truncation (it would cut the next prompt short)
+    assert json.loads((out / "tokenizer.json").read_text()).get("truncation") is None
 
 
 def check_resume_gives_the_same_adapter(straight: Path, model_dir: Path, data_dir: Path, tmp_path: Path):

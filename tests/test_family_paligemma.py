@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from family_checks import (
+    batch_of,
+    captions_and_images,
+    check_captions_compare_merge_round_trip,
+    check_every_adapter_gets_a_gradient,
+    check_resume_gives_the_same_adapter,
+    check_trained_run,
+    hand_ce,
+    make_data,
+    train,
+)
 
 import families
 import train_blip
-from family_checks import (batch_of, captions_and_images, check_captions_compare_merge_round_trip,
-                           check_every_adapter_gets_a_gradient, check_resume_gives_the_same_adapter,
-                           check_trained_run, hand_ce, make_data, train)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
