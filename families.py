@@ -405,7 +405,8 @@ class Florence2(Family):
 
     def __init__(self, config, processor, prompt=None):
         super().__init__(config, processor, prompt)
-        enc = processor(images=[_blank_image()], text=[self.prompt], truncation=False)
+        enc = processor(images=[_blank_image()], text=[self.prompt],
+                        truncation=False)
         self.prefix = [int(t) for t in enc["input_ids"][0]]
         text = config.get_text_config()
         self.start = [text.decoder_start_token_id, processor.tokenizer.bos_token_id]

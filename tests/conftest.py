@@ -417,7 +417,7 @@ def build_tiny_paligemma(out_dir: Path, seed: int = 0) -> Path:
                              bos_token="<bos>", eos_token="<eos>")
     image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
     image_processor.image_seq_length = 4
-    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)  # adds <image>, <loc0000>...
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)  # adds <image>, <locNNNN>
     torch.manual_seed(seed)
     config = PaliGemmaConfig(
         vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,

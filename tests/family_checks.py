@@ -14,8 +14,15 @@ import families
 import inference
 import train_blip
 
-TRAIN = ["--PRECISION=fp32", "--NUM_WORKERS=0", "--NUM_SAMPLE_CAPTIONS=1", "--MAX_CAPTION_TOKENS=16", "--LOG_EVERY=1",
-         "--BATCH_SIZE=2", "--VAL_FRACTION=0.25"]
+TRAIN = [
+    "--PRECISION=fp32",
+    "--NUM_WORKERS=0",
+    "--NUM_SAMPLE_CAPTIONS=1",
+    "--MAX_CAPTION_TOKENS=16",
+    "--LOG_EVERY=1",
+    "--BATCH_SIZE=2",
+    "--VAL_FRACTION=0.25",
+]
 CAPTION = ["--PRECISION=fp32", "--MAX_LENGTH=12", "--MIN_LENGTH=2", "--NUM_BEAMS=1", "--SHOW=never"]
 
 
@@ -39,8 +46,12 @@ def batch_of(family, data_dir: Path, n: int = 4) -> dict:
     texts, images = captions_and_images(data_dir, n)
     ids = family.tokenize(texts, 16)
     pixels = family.pixel_values(images)
-    return family.collate([{"index": i, "input_ids": t, "pixel_values": p}
-                           for i, (t, p) in enumerate(zip(ids, pixels, strict=True))])
+    return family.collate(
+        [
+            {"index": i, "input_ids": t, "pixel_values": p}
+            for i, (t, p) in enumerate(zip(ids, pixels, strict=True))
+        ]
+    )
 
 
 def hand_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -65,7 +76,11 @@ def check_every_adapter_gets_a_gradient(family, model, data_dir: Path, must_not_
         assert names and not [n for n in names if any(w in n for w in must_not_contain)], sorted(names)
         nonzero_lora_b(peft_model)
         train_blip.CaptionModel(peft_model, family, 0)(batch_of(family, data_dir)).sum().backward()
-        dead = [n for n, p in peft_model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+        dead = [
+            n
+            for n, p in peft_model.named_parameters()
+            if p.requires_grad and (p.grad is None or not p.grad.any())
+        ]
         assert not dead, dead
         return train_blip.count_trainable(peft_model)
     finally:
@@ -73,8 +88,16 @@ def check_every_adapter_gets_a_gradient(family, model, data_dir: Path, must_not_
 
 
 def train(model_dir: Path, data_dir: Path, out: Path, epochs: int = 2):
-    return train_blip.main([f"--MODEL_ID={model_dir}", f"--DATA_DIR={data_dir}", f"--OUTPUT_DIR={out}",
-                            f"--EPOCHS={epochs}", "--LR=1e-2", *TRAIN])
+    return train_blip.main(
+        [
+            f"--MODEL_ID={model_dir}",
+            f"--DATA_DIR={data_dir}",
+            f"--OUTPUT_DIR={out}",
+            f"--EPOCHS={epochs}",
+            "--LR=1e-2",
+            *TRAIN,
+        ]
+    )
 
 
 def check_trained_run(out: Path, results: dict, family_name: str, prompt: str):
@@ -95,7 +118,10 @@ def check_resume_gives_the_same_adapter(straight: Path, model_dir: Path, data_di
     train(model_dir, data_dir, tmp_path, epochs=1)
     resumed = train(model_dir, data_dir, tmp_path, epochs=2)
     assert resumed["resumed_from"]
-    a, b = load_file(straight / "adapter_model.safetensors"), load_file(tmp_path / "adapter_model.safetensors")
+    a, b = (
+        load_file(straight / "adapter_model.safetensors"),
+        load_file(tmp_path / "adapter_model.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -105,20 +131,33 @@ def check_captions_compare_merge_round_trip(out: Path, model_dir: Path, data_dir
     from peft import PeftModel
 
     images = sorted(data_dir.glob("*.jpg"))[:4]
-    result = inference.main([f"--ADAPTER_DIR={out}", f"--IMAGES={data_dir}", *CAPTION, "--BATCH_SIZE=4",
-                             "--COMPARE_BASE=True", f"--RESULTS_PATH={tmp_path / 'r.json'}",
-                             f"--FIGURE_PATH={tmp_path / 'f.png'}", f"--MERGE_TO={tmp_path / 'merged'}",
-                             "--REFERENCES=None"])
+    result = inference.main(
+        [
+            f"--ADAPTER_DIR={out}",
+            f"--IMAGES={data_dir}",
+            *CAPTION,
+            "--BATCH_SIZE=4",
+            "--COMPARE_BASE=True",
+            f"--RESULTS_PATH={tmp_path / 'r.json'}",
+            f"--FIGURE_PATH={tmp_path / 'f.png'}",
+            f"--MERGE_TO={tmp_path / 'merged'}",
+            "--REFERENCES=None",
+        ]
+    )
     tuned = {r["file"]: r["fine_tuned"] for r in result["images"]}
     assert all("base" in r for r in result["images"])
     assert any(r["base"] != r["fine_tuned"] for r in result["images"])  # the adapter changed something
     settings = dict(max_new_tokens=11, min_new_tokens=1, num_beams=1)
 
-    family = families.load(str(model_dir), prompt=json.loads((out / "training_config.json").read_text())["PROMPT"])
+    family = families.load(
+        str(model_dir), prompt=json.loads((out / "training_config.json").read_text())["PROMPT"]
+    )
     fresh = PeftModel.from_pretrained(family.load_model(str(model_dir)), out).eval()
     pics = [inference.common.open_image(p) for p in images]
     batched = inference.caption_images(fresh, family, pics, batch_size=4, **settings)
-    assert batched == [inference.caption_images(fresh, family, [p], batch_size=1, **settings)[0] for p in pics]
+    assert batched == [
+        inference.caption_images(fresh, family, [p], batch_size=1, **settings)[0] for p in pics
+    ]
     assert batched == [tuned[p.name] for p in images]
     merged_family = families.load(str(tmp_path / "merged"))
     merged = merged_family.load_model(str(tmp_path / "merged")).eval()

@@ -33,7 +33,9 @@ def florence2(tiny_florence2_dir):
     return family, family.load_model(str(tiny_florence2_dir))
 
 
-def test_the_prompt_goes_to_the_encoder_and_the_loss_is_the_hand_computed_caption_cross_entropy(florence2, data_dir):
+def test_the_prompt_goes_to_the_encoder_and_the_loss_is_the_hand_computed_caption_cross_entropy(
+    florence2, data_dir
+):
     """The encoder reads the processor's "<CAPTION>" batch (17 image tokens, <s>, the question, </s>);
     the decoder's labels are <s> caption </s> as the model's own labels= path shifts them, and the
     loss covers the caption and </s>, never <s> nor a pad."""
@@ -46,10 +48,15 @@ def test_the_prompt_goes_to_the_encoder_and_the_loss_is_the_hand_computed_captio
     tok = family.processor.tokenizer
     losses = train_blip.CaptionModel(model, family, 0)(batch)
     for row, text in enumerate(texts):
-        target = torch.tensor([[tok.bos_token_id, *tok(text, add_special_tokens=False).input_ids, tok.eos_token_id]])
+        target = torch.tensor(
+            [[tok.bos_token_id, *tok(text, add_special_tokens=False).input_ids, tok.eos_token_id]]
+        )
         with torch.no_grad():  # the model's own training path: labels, shifted right to </s> <s> ...
-            logits = model(input_ids=enc["input_ids"][row : row + 1], pixel_values=enc["pixel_values"][row : row + 1],
-                           labels=target).logits[0]
+            logits = model(
+                input_ids=enc["input_ids"][row : row + 1],
+                pixel_values=enc["pixel_values"][row : row + 1],
+                labels=target,
+            ).logits[0]
         hand = hand_ce(logits[1:], target[0, 1:])  # every token after <s>
         assert losses[row].item() == pytest.approx(hand.item(), rel=1e-5)
     assert len(set(int(m.sum()) for m in batch["attention_mask"])) > 1  # padding was really there

@@ -36,7 +36,9 @@ def idefics(tiny_idefics_dir):
     return family, family.load_model(str(tiny_idefics_dir))
 
 
-def test_the_prompt_is_the_processors_and_the_loss_is_the_hand_computed_caption_cross_entropy(idefics, data_dir):
+def test_the_prompt_is_the_processors_and_the_loss_is_the_hand_computed_caption_cross_entropy(
+    idefics, data_dir
+):
     """<s><fake><image><fake>Caption: as the processor lays it out, image_attention_mask on from the
     <image> token on; the loss covers the caption and </s> only, by hand from a full forward."""
     family, model = idefics
@@ -50,8 +52,12 @@ def test_the_prompt_is_the_processors_and_the_loss_is_the_hand_computed_caption_
     assert torch.equal(mask[:, :n], enc["image_attention_mask"]) and mask[:, n:].all()
     losses = train_blip.CaptionModel(model, family, 0)(batch)
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       pixel_values=enc["pixel_values"], image_attention_mask=mask).logits
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=enc["pixel_values"],
+            image_attention_mask=mask,
+        ).logits
     for row in range(4):
         length = int(batch["attention_mask"][row].sum())
         hand = hand_ce(logits[row, n - 1 : length - 1], batch["input_ids"][row, n:length])
@@ -62,7 +68,9 @@ def test_the_prompt_is_the_processors_and_the_loss_is_the_hand_computed_caption_
 def test_default_lora_is_the_decoders_self_attention_and_every_adapter_gets_a_gradient(idefics, data_dir):
     family, model = idefics
     assert set(family.vision_modules) == {"model.vision_model", "model.perceiver_resampler"}
-    count = check_every_adapter_gets_a_gradient(family, model, data_dir, must_not_contain=("vision", "cross_attn"))
+    count = check_every_adapter_gets_a_gradient(
+        family, model, data_dir, must_not_contain=("vision", "cross_attn")
+    )
     assert count == 2 * 4 * 16 * 64 == 8192  # 2 layers x q, k, v, o (32 -> 32) at r=16
 
 
@@ -73,8 +81,10 @@ def test_gated_cross_attention_adapters_are_dead_while_the_gates_are_closed(data
 
     closed = build_tiny_idefics(tmp_path / "closed", gates="zeros")
     family = families.load(str(closed))
-    model = get_peft_model(family.load_model(str(closed)),
-                           LoraConfig(r=4, target_modules=["cross_attn.q_proj", "cross_attn.v_proj"]))
+    model = get_peft_model(
+        family.load_model(str(closed)),
+        LoraConfig(r=4, target_modules=["cross_attn.q_proj", "cross_attn.v_proj"]),
+    )
     nonzero_lora_b(model)
     train_blip.CaptionModel(model, family, 0)(batch_of(family, data_dir)).sum().backward()
     grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]

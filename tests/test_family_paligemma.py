@@ -33,7 +33,9 @@ def paligemma(tiny_paligemma_dir):
     return family, family.load_model(str(tiny_paligemma_dir))
 
 
-def test_the_batch_is_the_processors_and_the_loss_is_the_hand_computed_caption_cross_entropy(paligemma, data_dir):
+def test_the_batch_is_the_processors_and_the_loss_is_the_hand_computed_caption_cross_entropy(
+    paligemma, data_dir
+):
     """Our batch equals what PaliGemmaProcessor(suffix=...) builds for training: image tokens first,
     <bos> + "caption en" + newline, the caption + <eos>; token_type_ids 0 on the prefix (seen both
     ways) and 1 on the caption; labels on the caption and <eos> only. The loss equals a cross-entropy
@@ -42,8 +44,14 @@ def test_the_batch_is_the_processors_and_the_loss_is_the_hand_computed_caption_c
     assert type(family) is families.PaliGemma and family.prompt == "caption en"
     batch = batch_of(family, data_dir)
     texts, images = captions_and_images(data_dir)
-    ref = family.processor(images=images, text=[family.prompt] * 4, suffix=texts, padding=True,
-                           padding_side="right", return_tensors="pt")  # training pads on the right
+    ref = family.processor(
+        images=images,
+        text=[family.prompt] * 4,
+        suffix=texts,
+        padding=True,
+        padding_side="right",
+        return_tensors="pt",
+    )  # training pads on the right
     assert torch.equal(batch["input_ids"], ref["input_ids"]) and torch.equal(batch["labels"], ref["labels"])
     assert torch.equal(family.model_inputs(batch)["token_type_ids"], ref["token_type_ids"])
     assert torch.equal(batch["attention_mask"], ref["attention_mask"])
