@@ -350,7 +350,7 @@ class Git(Family):
     vision_modules = ("git.image_encoder", "git.visual_projection")
 
 
-# ---- LLaVA and Idefics3 / SmolVLM
+# ----------------------------------------------------------------------------- LLaVA and Idefics3 / SmolVLM
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -421,8 +421,258 @@ class Idefics3(PromptedDecoder):
                                               **self.image_kwargs).pixel_values
 
 
+# ----------------------------------------------------------------------------- PaliGemma, Florence-2, IDEFICS
+# Three families that caption after a task prompt. Each builds its prompt once, by running its own
+# processor on a blank image (so the layout is the processor's, whatever tokenizer the checkpoint
+# has), and every batch is that fixed prefix followed by the caption. One prompt for all images means
+# every prefix has the same length: batched generation needs no padding, so batched captions equal
+# one-by-one captions (tested); the tokenizer is still set to pad on the left. No prefix cache (the
+# vision-stage hook) yet: their forwards take pixels, not image features, in a way generate() keeps.
+def _blank_image():
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32), (128, 128, 128))
+
+
+def _lm_attention(config, stem: str, projections=("q_proj", "k_proj", "v_proj", "o_proj")) -> tuple[str, ...]:
+    """Full module names of the language model's attention projections, one per layer: scoped to the
+    language model, since the vision towers use the same short names (q_proj, ...)."""
+    layers = config.get_text_config().num_hidden_layers
+    return tuple(f"{stem}.{i}.self_attn.{p}" for i in range(layers) for p in projections)
+
+
+def _pad_right(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
+def _image_pixels(processor, images) -> torch.Tensor:
+    """The image processor alone (the processors warn, or insist on text, when called without any),
+    one [3, H, W] tensor per image."""
+    out = processor.image_processor(images, return_tensors="pt")
+    out = out if isinstance(out, torch.Tensor) else out["pixel_values"]
+    return out.reshape(-1, *out.shape[-3:])
+
+
+def _caption_ids(tok, captions, max_tokens: int, start: tuple = ()) -> list[np.ndarray]:
+    """start + the caption's tokens + the end token (kept when truncating), as int32 arrays. A fast
+    tokenizer keeps a truncation setting in its backend (and writes it into tokenizer.json on save,
+    where it would cut the next prompt short): it is switched off again here."""
+    ids = []
+    for i in range(0, len(captions), 4096):
+        batch = tok(captions[i : i + 4096], add_special_tokens=False, truncation=True,
+                    max_length=max_tokens - 1 - len(start))
+        ids += [np.asarray([*start, *x, tok.eos_token_id], dtype=np.int32) for x in batch.input_ids]
+    if getattr(tok, "backend_tokenizer", None) is not None:
+        tok.backend_tokenizer.no_truncation()
+    return ids
+
+
+class _PrefixDecoder(Family):
+    """A decoder-only model that reads [image tokens + prompt] (the prefix, the same for every image)
+    and then the caption + end token. Labels are -100 on the prefix and the pads; the logits of the
+    prefix, but for its last position, are never computed (logits_to_keep)."""
+
+    takes_prompt = True
+
+    def __init__(self, config, processor, prompt=None):
+        super().__init__(config, processor, prompt)
+        processor.tokenizer.padding_side = "left"  # generation; training batches are built by collate
+        self.prefix = self.prefix_ids()
+
+    def prefix_ids(self) -> list[int]:
+        raise NotImplementedError
+
+    def pixel_values(self, images):
+        return _image_pixels(self.processor, images)
+
+    def max_caption_tokens(self) -> int:
+        return self.config.get_text_config().max_position_embeddings - len(self.prefix)
+
+    def tokenize(self, captions, max_tokens):
+        """The caption's tokens and the end token (kept when truncating); no start token: the prompt
+        comes before it."""
+        return _caption_ids(self.processor.tokenizer, captions, max_tokens)
+
+    def collate(self, examples):
+        pad = self.processor.tokenizer.pad_token_id
+        n = len(self.prefix)
+        rows = [[*self.prefix, *(int(t) for t in e["input_ids"])] for e in examples]
+        input_ids = _pad_right(rows, pad)
+        attention_mask = _pad_right([[1] * len(r) for r in rows], 0)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, :n] = -100  # image tokens and prompt: read, never learnt
+        with_pixels = [row for row, e in enumerate(examples) if e.get("pixel_values") is not None]
+        return {
+            "index": torch.tensor([e["index"] for e in examples]),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_rows": torch.tensor(with_pixels, dtype=torch.long),
+            "pixel_values": (torch.stack([examples[r]["pixel_values"] for r in with_pixels])
+                             if with_pixels else None),
+        }
+
+    def model_inputs(self, batch: dict) -> dict:
+        """The family's extra forward inputs (token_type_ids, image_attention_mask, ...)."""
+        return {}
+
+    def caption_logits(self, model, batch, image_embeds=None):
+        n = len(self.prefix)
+        width = batch["input_ids"].shape[1]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=self.model_pixels(batch["pixel_values"]), use_cache=False,
+                       logits_to_keep=width - n + 1, **self.model_inputs(batch)).logits
+        # logits[:, j] is at position n - 1 + j and predicts the token at n + j: the caption's j-th.
+        return logits[:, :-1], batch["labels"][:, n:]
+
+    def model_pixels(self, pixel_values):
+        return pixel_values
+
+    def generate(self, model, pixel_values, **generate_kwargs):
+        n = pixel_values.shape[0]
+        tok = self.processor.tokenizer
+        input_ids = torch.tensor([self.prefix] * n, dtype=torch.long, device=pixel_values.device)
+        batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": None}
+        out = model.generate(input_ids=input_ids, attention_mask=batch["attention_mask"],
+                             pixel_values=self.model_pixels(pixel_values), eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, **self.model_inputs(batch), **generate_kwargs)
+        return out[:, input_ids.shape[1] :]  # the caption only: the prompt is cut off
+
+
+class PaliGemma(_PrefixDecoder):
+    """PaliGemmaForConditionalGeneration: SigLIP patches (projected) as the first tokens of a Gemma
+    decoder, then <bos> + prompt + newline, then the caption + <eos>. A prefix-LM: token_type_ids
+    are 0 on image + prompt (they see each other both ways) and 1 on the caption (causal), as the
+    processor's `suffix=` builds them for training and generate() extends them."""
+
+    name = "paligemma"
+    model_types = ("paligemma",)
+    default_prompt = "caption en"
+    vision_modules = ("model.vision_tower", "model.multi_modal_projector")
+
+    @property
+    def lora_targets(self):
+        return _lm_attention(self.config, "language_model.layers")
+
+    def prefix_ids(self):
+        enc = self.processor(images=[_blank_image()], text=[self.prompt], suffix=["x"], truncation=False)
+        ids, types = enc["input_ids"][0], enc["token_type_ids"][0]
+        return [int(t) for t, k in zip(ids, types, strict=True) if k == 0]
+
+    def model_inputs(self, batch):
+        token_type_ids = torch.zeros_like(batch["input_ids"])
+        if batch.get("labels") is not None:
+            token_type_ids[:, len(self.prefix) :] = batch["attention_mask"][:, len(self.prefix) :]
+        return {"token_type_ids": token_type_ids}
+
+
+class Idefics(_PrefixDecoder):
+    """IdeficsForVisionText2Text, Hugging Face's open Flamingo: a LLaMA decoder with gated
+    cross-attention layers that read CLIP image features. The processor lays out
+    <s><fake_token_around_image><image><fake_token_around_image>Caption: and image_attention_mask
+    (one column per image) lets every token from <image> on attend to the image.
+
+    LoRA: the decoder's self-attention, never the gated cross-attention: its output is scaled by
+    tanh(alpha), and alpha starts at 0 in a fresh model (alpha_initializer="zeros"), which leaves
+    any adapter there without gradient. Trained checkpoints have open gates; add them by name."""
+
+    name = "idefics"
+    model_types = ("idefics",)
+    default_prompt = "Caption:"
+    vision_modules = ("model.vision_model", "model.perceiver_resampler")
+
+    @property
+    def lora_targets(self):
+        return _lm_attention(self.config, "model.layers")
+
+    def prefix_ids(self):
+        enc = self.processor(images=[_blank_image()], text=[self.prompt], truncation=False,
+                             return_tensors="pt")
+        self._image_from = int(enc["image_attention_mask"][0, :, 0].argmax())  # the <image> token
+        return [int(t) for t in enc["input_ids"][0]]
+
+
+    def model_pixels(self, pixel_values):
+        return pixel_values[:, None]  # one image per caption
+
+    def model_inputs(self, batch):
+        mask = torch.zeros_like(batch["input_ids"])
+        mask[:, self._image_from :] = 1
+        return {"image_attention_mask": mask[:, :, None]}
+
+
+class Florence2(Family):
+    """Florence2ForConditionalGeneration, an encoder-decoder: DaViT image tokens + the prompt
+    (the processor expands <CAPTION> to its question) go to the BART encoder; the decoder starts at
+    </s><s> as the model generates, then writes the caption + </s>. Labels are the decoder's own
+    tokens, aligned with its logits (no shift): -100 on <s> (given, not learnt) and on pads."""
+
+    name = "florence2"
+    model_types = ("florence2",)
+    default_prompt = "<CAPTION>"
+    takes_prompt = True
+    vision_modules = ("model.vision_tower", "model.multi_modal_projector")
+
+    def __init__(self, config, processor, prompt=None):
+        super().__init__(config, processor, prompt)
+        enc = processor(images=[_blank_image()], text=[self.prompt],
+                        truncation=False)
+        self.prefix = [int(t) for t in enc["input_ids"][0]]
+        text = config.get_text_config()
+        self.start = [text.decoder_start_token_id, processor.tokenizer.bos_token_id]
+
+    @property
+    def lora_targets(self):
+        text = self.config.get_text_config()
+        return (*(f"language_model.encoder.layers.{i}.self_attn.{p}" for i in range(text.encoder_layers)
+                  for p in ("q_proj", "k_proj", "v_proj", "out_proj")),
+                *(f"language_model.decoder.layers.{i}.{a}.{p}" for i in range(text.decoder_layers)
+                  for a in ("self_attn", "encoder_attn") for p in ("q_proj", "k_proj", "v_proj", "out_proj")))
+
+    def max_caption_tokens(self):
+        return self.config.get_text_config().max_position_embeddings - 1
+
+    def pixel_values(self, images):
+        return _image_pixels(self.processor, images)
+
+    def tokenize(self, captions, max_tokens):
+        """<s> caption </s> (the end token kept when truncating)."""
+        tok = self.processor.tokenizer
+        return _caption_ids(tok, captions, max_tokens, start=(tok.bos_token_id,))
+
+    def collate(self, examples):
+        batch = Family.collate(self, examples)  # decoder tokens <s> caption </s>, right-padded
+        batch["labels"][:, 0] = -100  # <s> comes with the start, as in generation
+        ids = batch["input_ids"]
+        batch["decoder_input_ids"] = torch.cat(
+            [torch.full_like(ids[:, :1], self.start[0]), ids[:, :-1]], dim=1)  # </s> <s> caption...
+        return batch
+
+    def caption_logits(self, model, batch, image_embeds=None):
+        n = batch["input_ids"].shape[0]
+        prompt = torch.tensor([self.prefix] * n, dtype=torch.long, device=batch["input_ids"].device)
+        logits = model(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                       pixel_values=batch["pixel_values"], decoder_input_ids=batch["decoder_input_ids"],
+                       decoder_attention_mask=batch["attention_mask"], use_cache=False).logits
+        return logits, batch["labels"]
+
+    def generate(self, model, pixel_values, **generate_kwargs):
+        n = pixel_values.shape[0]
+        tok = self.processor.tokenizer
+        prompt = torch.tensor([self.prefix] * n, dtype=torch.long, device=pixel_values.device)
+        start = torch.tensor([self.start] * n, dtype=torch.long, device=pixel_values.device)
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                             pixel_values=pixel_values, decoder_input_ids=start,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **generate_kwargs)
+        return out[:, start.shape[1] :]
+
+
 # ----------------------------------------------------------------------------- the registry
-FAMILIES = {cls.name: cls for cls in (Blip, Git, Llava, Idefics3)}
+FAMILIES = {cls.name: cls for cls in (Blip, Git, Llava, Idefics3, PaliGemma, Florence2, Idefics)}
 
 # Families users ask for that transformers cannot train, and why; each gets its own one-line error.
 _QWEN = ("its processor needs torchvision's video processor, which does not install beside the CPU torch "

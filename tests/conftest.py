@@ -611,6 +611,88 @@ def build_tiny_idefics3(out_dir: Path, image_size: int = 32, hidden: int = 32, s
     images = Idefics3ImageProcessorPil(size=size, max_image_size=size)
     Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=(image_size // 8) ** 2 // 4,
                       chat_template=SMOLVLM_CHAT_TEMPLATE).save_pretrained(out_dir)
+
+
+# ------------------------------------------------------------------- tiny PaliGemma, Florence-2, IDEFICS
+# Random models at hidden 32, 1-2 layers, 32 px images, each with a byte-level BPE (make_bpe_tokenizer)
+# carrying its family's special tokens and an image processor from its defaults (the PIL ones: no
+# torchvision). Nothing from the Hub.
+def build_tiny_paligemma(out_dir: Path, seed: int = 0) -> Path:
+    """SigLIP (1 layer, 32 px, patch 16: 4 image tokens) + Gemma (2 layers)."""
+    import torch
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tok = make_bpe_tokenizer(special_tokens=("<pad>", "<eos>", "<bos>", "<unk>", "<image>"),
+                             bos_token="<bos>", eos_token="<eos>")
+    image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    image_processor.image_seq_length = 4
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)  # adds <image>, <locNNNN>
+    torch.manual_seed(seed)
+    config = PaliGemmaConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16,
+                           vision_use_head=False),
+        text_config=dict(model_type="gemma", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2),
+        image_token_id=processor.image_token_id, projection_dim=32, pad_token_id=0)
+    PaliGemmaForConditionalGeneration(config).save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def build_tiny_florence2(out_dir: Path, seed: int = 0) -> Path:
+    """DaViT (2 stages, 32 px: 4 x 4 patches + 1 pooled = 17 image tokens) + BART (1 + 1 layers),
+    with BART's token ids (<s> 0, <pad> 1, </s> 2, decoder start = </s>)."""
+    import torch
+    from transformers import Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tok = make_bpe_tokenizer(special_tokens=("<s>", "<pad>", "</s>", "<unk>", "<image>"),
+                             extra_special_tokens={"image_token": "<image>"})
+    image_processor = CLIPImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False)
+    image_processor.image_seq_length = 17
+    processor = Florence2Processor(image_processor=image_processor, tokenizer=tok)
+    torch.manual_seed(seed)
+    config = Florence2Config(
+        vision_config=dict(depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1],
+                           patch_prenorm=[False, True], embed_dim=[16, 32], num_heads=[2, 2],
+                           num_groups=[2, 2],
+                           window_size=2, drop_path_rate=0.0, projection_dim=32, max_position_embeddings=8,
+                           max_temporal_embeddings=4),
+        text_config=dict(model_type="bart", vocab_size=len(tok), d_model=32, encoder_layers=1,
+                         decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                         encoder_ffn_dim=64, decoder_ffn_dim=64,
+                         max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                         decoder_start_token_id=2, forced_eos_token_id=2),
+        image_token_id=tok.convert_tokens_to_ids("<image>"))
+    Florence2ForConditionalGeneration(config).save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def build_tiny_idefics(out_dir: Path, seed: int = 0, gates: str = "ones") -> Path:
+    """CLIP vision (1 layer, 32 px) + LLaMA (2 layers) with a gated cross-attention layer before each.
+    `gates`: IdeficsConfig.alpha_initializer. 'ones' stands for a trained checkpoint's open gates
+    (a fresh IDEFICS has 'zeros': the image has no effect until the gates are trained)."""
+    import torch
+    from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsProcessor
+    from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
+
+    tok = make_bpe_tokenizer(special_tokens=("<unk>", "<s>", "</s>", "<pad>", "<fake_token_around_image>",
+                                             "<image>", "<end_of_utterance>"))
+    processor = IdeficsProcessor(image_processor=IdeficsImageProcessorPil(image_size=32), tokenizer=tok,
+                                 image_size=32)
+    torch.manual_seed(seed)
+    config = IdeficsConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        cross_layer_interval=1, max_position_embeddings=64, pad_token_id=3, bos_token_id=1, eos_token_id=2,
+        alpha_initializer=gates, freeze_text_layers=False, freeze_vision_layers=False,
+        vision_config=dict(embed_dim=32, image_size=32, intermediate_size=64, patch_size=16,
+                           num_hidden_layers=1, num_attention_heads=2))
+    IdeficsForVisionText2Text(config).save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
     return Path(out_dir)
 
 
@@ -622,3 +704,18 @@ def tiny_llava_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_idefics3_dir(tmp_path_factory) -> Path:
     return build_tiny_idefics3(tmp_path_factory.mktemp("tiny_idefics3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_paligemma_dir(tmp_path_factory) -> Path:
+    return build_tiny_paligemma(tmp_path_factory.mktemp("tiny_paligemma"))
+
+
+@pytest.fixture(scope="session")
+def tiny_florence2_dir(tmp_path_factory) -> Path:
+    return build_tiny_florence2(tmp_path_factory.mktemp("tiny_florence2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics_dir(tmp_path_factory) -> Path:
+    return build_tiny_idefics(tmp_path_factory.mktemp("tiny_idefics"))
