@@ -611,6 +611,7 @@ def build_tiny_idefics3(out_dir: Path, image_size: int = 32, hidden: int = 32, s
     images = Idefics3ImageProcessorPil(size=size, max_image_size=size)
     Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=(image_size // 8) ** 2 // 4,
                       chat_template=SMOLVLM_CHAT_TEMPLATE).save_pretrained(out_dir)
+    return Path(out_dir)
 
 
 # ------------------------------------------------------------------- tiny PaliGemma, Florence-2, IDEFICS
