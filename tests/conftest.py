@@ -414,12 +414,14 @@ def build_tiny_blip2(out_dir: Path, lm: str = "opt", image_size: int = 32, hidde
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
 
     torch.manual_seed(seed)
-    if lm == "opt":
-        tokenizer = make_bpe_tokenizer(("<pad>", "</s>", "<unk>"), bos_token="</s>")
-    elif lm == "t5":
-        tokenizer = make_bpe_tokenizer(("<pad>", "</s>", "<unk>"), bos_token=None)
-    else:
+    from tokenizers.processors import TemplateProcessing
+
+    if lm not in ("opt", "t5"):
         raise ValueError(f"lm={lm!r}: 'opt' or 't5'")
+    tokenizer = make_bpe_tokenizer(("<pad>", "</s>", "<unk>"), bos_token="</s>" if lm == "opt" else None)
+    eos = ("</s>", tokenizer.eos_token_id)  # OPT's tokenizer puts it first (as BOS), T5's last
+    template = "</s> $A" if lm == "opt" else "$A </s>"
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single=template, special_tokens=[eos])
     image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
     processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=queries)
     vocab = len(processor.tokenizer)
