@@ -405,7 +405,7 @@ def make_nasty_captions(folder: Path, good: dict[str, str]) -> dict[str, tuple[P
 
 # ----------------------------------------------------------------------------- tiny BLIP-2
 def build_tiny_blip2(out_dir: Path, lm: str = "opt", image_size: int = 32, hidden: int = 32, queries: int = 4,
-                     seed: int = 0) -> Path:
+                     seed: int = 0, embed_std: float | None = None) -> Path:
     """A random BLIP-2 (families.Blip2) with an OPT (lm="opt") or a T5 (lm="t5") language model, a
     byte-level BPE tokenizer (make_bpe_tokenizer) set up the way the real ones are, and BLIP's image
     processor at a small size. The real OPT tokenizer writes </s> as its BOS (bos = eos = </s>); T5's
@@ -443,7 +443,11 @@ def build_tiny_blip2(out_dir: Path, lm: str = "opt", image_size: int = 32, hidde
         text_config=text, num_query_tokens=queries,
         image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
     )
-    Blip2ForConditionalGeneration(config).save_pretrained(out_dir)
+    model = Blip2ForConditionalGeneration(config)
+    if embed_std is not None:  # OPT ties its head to the embeddings: at init_std 0.02 a frozen head keeps every
+        with torch.no_grad():  # logit within about +-1 whatever LoRA does, so a learning test needs ~0.5
+            model.language_model.get_input_embeddings().weight.normal_(0, embed_std)
+    model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return Path(out_dir)
 
