@@ -67,7 +67,7 @@ def batch_of(family, data_dir: Path, n: int = 4) -> dict:
     items = captions_of(data_dir, n)
     ids = family.tokenize([c for _, c in items], 16)
     pixels = family.pixel_values([Image.open(data_dir / x).convert("RGB") for x, _ in items])
-    return family.collate([{"index": i, "input_ids": t, "pixel_values": p} for i, (t, p) in enumerate(zip(ids, pixels))])
+    return family.collate([{"index": i, "input_ids": t, "pixel_values": p} for i, (t, p) in enumerate(zip(ids, pixels, strict=True))])
 
 
 def live_lora(model, family, targets="auto", **cfg):
