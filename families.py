@@ -350,6 +350,188 @@ class Git(Family):
     vision_modules = ("git.image_encoder", "git.visual_projection")
 
 
+# ----------------------------------------------------------------------------- BLIP-2
+class Blip2(Family):
+    """Blip2ForConditionalGeneration: a ViT, a Q-Former whose `num_query_tokens` learned queries read
+    it, and a projection that turns their outputs into that many input embeddings of a language
+    model, an OPT decoder or a Flan-T5 encoder-decoder. The embeddings replace the `<image>`
+    placeholder tokens in `input_ids`: without those tokens the model gets no image at all and
+    raises no error, so every sequence here is built with them, in the processor's layout.
+
+    - OPT (decoder-only): `<image>` x N, `</s>` (OPT's BOS), the prompt, the caption, `</s>` (OPT's
+      tokenizer adds no end token; we append it so the model learns to stop). Labels: the caption and
+      its `</s>` only. Every caption has the same prefix, so no padding is ever needed to generate.
+    - Flan-T5 (encoder-decoder): the encoder reads `<image>` x N, the prompt, `</s>` (T5's layout);
+      the caption and `</s>` are the decoder's labels, aligned with its logits (no shift).
+
+    No prompt by default: BLIP-2 captions from the image alone (transformers' and LAVIS's captioning
+    use); PROMPT (e.g. "a photo of") is trained and captioned with alike. LoRA targets: the language
+    model's attention (OPT q_proj/v_proj, T5 q/v; the vision tower has `qkv` and the Q-Former
+    `query`/`value`, so the names hit only the language model). FREEZE_VISION freezes the vision
+    tower, the Q-Former with its queries, and the projection. Speed: the vision tower + Q-Former +
+    projection are vision stages, so a frozen tower is cached in training (the Q-Former has dropout,
+    so it runs every step) and one vision pass feeds both captions when comparing with the base."""
+
+    name = "blip-2"
+    model_types = ("blip-2",)
+    lora_targets = ("q_proj", "v_proj")  # OPT's; __init__ picks T5's ("q", "v") for a Flan-T5 model
+    vision_modules = ("vision_model", "qformer", "query_tokens", "language_projection")
+    takes_prompt = True
+
+    def __init__(self, config, processor, prompt: str | None = None):
+        super().__init__(config, processor, prompt)
+        self.encoder_decoder = not config.use_decoder_only_language_model
+        if self.encoder_decoder:
+            self.lora_targets = ("q", "v")  # T5Attention's; the decoder's cross-attention included
+        tok = processor.tokenizer
+        text = config.text_config
+        prompt_ids = tok(self.prompt, add_special_tokens=False).input_ids if self.prompt else []
+        image = [config.image_token_id] * config.num_query_tokens
+        self.eos = text.eos_token_id if text.eos_token_id is not None else tok.eos_token_id
+        if self.encoder_decoder:
+            self.prefix = image + prompt_ids + [self.eos]
+        else:
+            bos = text.bos_token_id if text.bos_token_id is not None else tok.bos_token_id
+            self.prefix = image + [bos] + prompt_ids
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else text.pad_token_id
+
+    # ---- batches
+    def max_caption_tokens(self) -> int:
+        if self.encoder_decoder:
+            return 512  # T5's relative positions have no hard limit; Flan-T5 was trained to 512
+        return self.config.text_config.max_position_embeddings - len(self.prefix)
+
+    def tokenize(self, captions: list[str], max_tokens: int) -> list[np.ndarray]:
+        """The caption's tokens and the end token (kept when truncating); no BOS, no prompt."""
+        lead = " " if self.prompt and not self.encoder_decoder and not self.prompt.endswith(" ") else ""
+        ids = []
+        for start in range(0, len(captions), 4096):
+            batch = self.processor.tokenizer([lead + c for c in captions[start : start + 4096]],
+                                             add_special_tokens=False)
+            ids += [np.asarray([*x[: max_tokens - 1], self.eos], dtype=np.int32) for x in batch.input_ids]
+        return ids
+
+    def collate(self, examples: list[dict]) -> dict:
+        """OPT: prefix + caption in one sequence, padded on the right. T5: the prefix to the encoder,
+        the caption to the decoder (started with decoder_start_token_id). Labels -100 but on captions."""
+        prefix = torch.tensor(self.prefix, dtype=torch.long)
+        captions = [torch.as_tensor(e["input_ids"], dtype=torch.long) for e in examples]
+        n = len(examples)
+        if self.encoder_decoder:
+            width = max(len(c) for c in captions)
+            labels = torch.full((n, width), -100, dtype=torch.long)
+            decoder_ids = torch.full((n, width), self.pad, dtype=torch.long)
+            decoder_mask = torch.zeros((n, width), dtype=torch.long)
+            start = self.config.text_config.decoder_start_token_id
+            for row, c in enumerate(captions):
+                labels[row, : len(c)] = c
+                decoder_ids[row, : len(c)] = torch.cat([torch.tensor([start]), c[:-1]])
+                decoder_mask[row, : len(c)] = 1
+            batch = {"input_ids": prefix.repeat(n, 1), "attention_mask": torch.ones_like(prefix).repeat(n, 1),
+                     "decoder_input_ids": decoder_ids, "decoder_attention_mask": decoder_mask,
+                     "labels": labels}
+        else:
+            width = len(prefix) + max(len(c) for c in captions)
+            input_ids = torch.full((n, width), self.pad, dtype=torch.long)
+            attention_mask = torch.zeros((n, width), dtype=torch.long)
+            labels = torch.full((n, width), -100, dtype=torch.long)
+            for row, c in enumerate(captions):
+                end = len(prefix) + len(c)
+                input_ids[row, :end] = torch.cat([prefix, c])
+                attention_mask[row, :end] = 1
+                labels[row, len(prefix) : end] = c
+            batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        with_pixels = [row for row, e in enumerate(examples) if e.get("pixel_values") is not None]
+        return {
+            "index": torch.tensor([e["index"] for e in examples]),
+            **batch,
+            "pixel_rows": torch.tensor(with_pixels, dtype=torch.long),
+            "pixel_values": (torch.stack([examples[r]["pixel_values"] for r in with_pixels])
+                             if with_pixels else None),
+        }
+
+    # ---- the training forward
+    def caption_logits(self, model, batch: dict, image_embeds=None):
+        """With `image_embeds` (the vision stages' output: the projected queries), the language model
+        on the embeddings with the queries put in place of the `<image>` tokens; without, the model's
+        own forward (the same thing, from pixels)."""
+        decoder = ("decoder_input_ids", "decoder_attention_mask") if self.encoder_decoder else ()
+        extra = {k: batch[k] for k in decoder}
+        if image_embeds is None:
+            logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"], use_cache=False, **extra).logits
+        else:
+            embeds = self._embed(model, batch["input_ids"], image_embeds)
+            logits = model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                          use_cache=False, **extra).logits
+        if self.encoder_decoder:
+            return logits, batch["labels"]
+        return logits[:, :-1], batch["labels"][:, 1:]
+
+    def _embed(self, model, input_ids, image_embeds):
+        embeds = model.get_input_embeddings()(input_ids)
+        where = (input_ids == self.config.image_token_id).unsqueeze(-1)
+        return embeds.masked_scatter(where, image_embeds.to(embeds.dtype))
+
+    # ---- captions
+    def _prompt_ids(self, n: int, device) -> torch.Tensor:
+        return torch.tensor([self.prefix], dtype=torch.long, device=device).repeat(n, 1)
+
+    def _caption_only(self, ids, input_ids):
+        """Decoder-only generate() returns the prompt too; T5's starts with the decoder start token."""
+        return ids[:, 1:] if self.encoder_decoder else ids[:, input_ids.shape[1] :]
+
+    def generate(self, model, pixel_values, **generate_kwargs) -> torch.Tensor:
+        input_ids = self._prompt_ids(len(pixel_values), pixel_values.device)
+        ids = model.generate(pixel_values=pixel_values, input_ids=input_ids,
+                             attention_mask=torch.ones_like(input_ids), **generate_kwargs)
+        return self._caption_only(ids, input_ids)
+
+    def generate_from_embeds(self, model, image_embeds, **generate_kwargs) -> torch.Tensor:
+        """BLIP-2's generate() minus its vision forward: the language model's generate() (batching,
+        beams, KV cache) on the prompt's embeddings with the queries in place."""
+        input_ids = self._prompt_ids(len(image_embeds), image_embeds.device)
+        inputs = {"inputs_embeds": self._embed(model, input_ids, image_embeds),
+                  "attention_mask": torch.ones_like(input_ids)}
+        if not self.encoder_decoder:
+            inputs["input_ids"] = input_ids
+        return self._caption_only(model.language_model.generate(**inputs, **generate_kwargs), input_ids)
+
+    # ---- speed hooks
+    def vision_stages(self, model) -> list:
+        """Embeddings, each vision layer, the final layer norm, then the Q-Former + projection as one
+        stage: in order, the `language_model_inputs` of BLIP-2's own forward."""
+        vision = model.vision_model
+        return [vision.embeddings, *vision.encoder.layers, vision.post_layernorm, _Blip2Queries(model)]
+
+    def prefix_shape(self, model, stages: int) -> tuple[int, ...]:
+        c = model.config
+        vc = c.vision_config
+        if stages == 0:
+            return (3, vc.image_size, vc.image_size)
+        if stages < len(self.vision_stages(model)):
+            return ((vc.image_size // vc.patch_size) ** 2 + 1, vc.hidden_size)  # patches + [CLS]
+        return (c.num_query_tokens, c.text_config.hidden_size)
+
+
+class _Blip2Queries(torch.nn.Module):
+    """BLIP-2's learned queries read the vision tower's output through the Q-Former, and the
+    projection maps them into the language model's embedding space (the model's own modules)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.query_tokens = model.query_tokens
+        self.qformer = model.qformer
+        self.language_projection = model.language_projection
+
+    def forward(self, image_embeds):
+        mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        out = self.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
+                           encoder_attention_mask=mask, return_dict=True).last_hidden_state
+        return self.language_projection(out.to(image_embeds.dtype))
+
+
 # ----------------------------------------------------------------------------- LLaVA and Idefics3 / SmolVLM
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -672,7 +854,7 @@ class Florence2(Family):
 
 
 # ----------------------------------------------------------------------------- the registry
-FAMILIES = {cls.name: cls for cls in (Blip, Git, Llava, Idefics3, PaliGemma, Florence2, Idefics)}
+FAMILIES = {cls.name: cls for cls in (Blip, Git, Blip2, Llava, Idefics3, PaliGemma, Florence2, Idefics)}
 
 # Families users ask for that transformers cannot train, and why; each gets its own one-line error.
 _QWEN = ("its processor needs torchvision's video processor, which does not install beside the CPU torch "

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -428,7 +429,10 @@ def build_model(cfg, run):
             f"{n_params * model.dtype.itemsize / 2**30:.2f} GB of weights as loaded ({str(model.dtype)[6:]})")
     if cfg["FREEZE_VISION"]:
         for name in family.vision_modules:
-            model.get_submodule(name).requires_grad_(False)
+            try:
+                model.get_submodule(name).requires_grad_(False)
+            except AttributeError:  # a bare parameter, not a module (BLIP-2's query_tokens)
+                model.get_parameter(name).requires_grad_(False)
     if cfg["USE_LORA"]:
         model = apply_lora(model, family, cfg, base_ref(cfg["MODEL_ID"]), run.log)
         if run.is_main:
@@ -454,7 +458,8 @@ def resolve_targets(model, family, targets, freeze_vision: bool):
     vision = family.vision_modules
     if targets == ["all-linear"]:
         if freeze_vision and vision:
-            exclude = "|".join(rf".*{name}\..*" for name in vision)
+            # every module inside a vision module, or the module itself (BLIP-2's bare language_projection)
+            exclude = "|".join(rf"(.*\.)?{re.escape(name)}(\..*)?" for name in vision)
             return "all-linear", exclude, [f"every {' / '.join(vision)} linear layer"]
         return "all-linear", None, []
     names = [n for n, _ in model.named_modules() if n]

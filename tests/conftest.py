@@ -697,6 +697,55 @@ def build_tiny_idefics(out_dir: Path, seed: int = 0, gates: str = "ones") -> Pat
     return Path(out_dir)
 
 
+# ----------------------------------------------------------------------------- tiny BLIP-2
+def build_tiny_blip2(out_dir: Path, lm: str = "opt", image_size: int = 32, hidden: int = 32, queries: int = 4,
+                     seed: int = 0, embed_std: float | None = None) -> Path:
+    """A random BLIP-2 (families.Blip2) with an OPT (lm="opt") or a T5 (lm="t5") language model, a
+    byte-level BPE tokenizer (make_bpe_tokenizer) set up the way the real ones are, and BLIP's image
+    processor at a small size. The real OPT tokenizer writes </s> as its BOS (bos = eos = </s>); T5's
+    has no BOS and pads with id 0, its decoder start. Blip2Processor adds the "<image>" token."""
+    import torch
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
+
+    torch.manual_seed(seed)
+    from tokenizers.processors import TemplateProcessing
+
+    if lm not in ("opt", "t5"):
+        raise ValueError(f"lm={lm!r}: 'opt' or 't5'")
+    tokenizer = make_bpe_tokenizer(("<pad>", "</s>", "<unk>"), bos_token="</s>" if lm == "opt" else None)
+    eos = ("</s>", tokenizer.eos_token_id)  # OPT's tokenizer puts it first (as BOS), T5's last
+    template = "</s> $A" if lm == "opt" else "$A </s>"
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single=template, special_tokens=[eos])
+    image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=queries)
+    vocab = len(processor.tokenizer)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if lm == "opt":
+        text = dict(model_type="opt", hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=2,
+                    num_attention_heads=2, word_embed_proj_dim=hidden, max_position_embeddings=64,
+                    vocab_size=vocab, bos_token_id=tokenizer.bos_token_id, **ids)
+    else:
+        text = dict(model_type="t5", d_model=hidden, d_kv=hidden // 2, d_ff=2 * hidden, num_layers=1,
+                    num_decoder_layers=1, num_heads=2, vocab_size=vocab,
+                    decoder_start_token_id=tokenizer.pad_token_id, feed_forward_proj="gated-gelu",
+                    tie_word_embeddings=False, **ids)
+    config = Blip2Config(
+        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=image_size, patch_size=16),
+        qformer_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                            num_attention_heads=2, encoder_hidden_size=hidden, vocab_size=vocab),
+        text_config=text, num_query_tokens=queries,
+        image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    model = Blip2ForConditionalGeneration(config)
+    if embed_std is not None:  # OPT ties its head to the embeddings: at init_std 0.02 a frozen head keeps every
+        with torch.no_grad():  # logit within about +-1 whatever LoRA does, so a learning test needs ~0.5
+            model.language_model.get_input_embeddings().weight.normal_(0, embed_std)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory) -> Path:
     return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
@@ -720,3 +769,13 @@ def tiny_florence2_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_idefics_dir(tmp_path_factory) -> Path:
     return build_tiny_idefics(tmp_path_factory.mktemp("tiny_idefics"))
+
+
+@pytest.fixture(scope="session")
+def tiny_blip2_opt_dir(tmp_path_factory) -> Path:
+    return build_tiny_blip2(tmp_path_factory.mktemp("tiny_blip2_opt"), "opt")
+
+
+@pytest.fixture(scope="session")
+def tiny_blip2_t5_dir(tmp_path_factory) -> Path:
+    return build_tiny_blip2(tmp_path_factory.mktemp("tiny_blip2_t5"), "t5")

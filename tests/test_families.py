@@ -58,7 +58,7 @@ def test_an_unsupported_model_is_one_line_listing_the_supported(tmp_path, data_d
     from transformers import BertConfig
 
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path / "bert")
-    with pytest.raises(UserError, match=r"model type 'bert' is not supported.*Supported model types: blip, git, llava"):
+    with pytest.raises(UserError, match=r"model type 'bert' is not supported.*Supported model types: blip, git, blip-2, llava"):
         train_blip.main([f"--MODEL_ID={tmp_path / 'bert'}", f"--DATA_DIR={data_dir}", f"--OUTPUT_DIR={tmp_path / 'out'}"])
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
     # As a user sees it: one line, exit 2, and no weights were ever loaded or re-initialised.
@@ -73,7 +73,7 @@ def test_an_unsupported_model_is_one_line_listing_the_supported(tmp_path, data_d
 def test_ofa_says_why_and_names_the_alternatives(tmp_path):
     (tmp_path / "ofa").mkdir()
     (tmp_path / "ofa" / "config.json").write_text(json.dumps({"model_type": "ofa", "vocab_size": 10}))
-    with pytest.raises(UserError, match=r"OFA is not in transformers.*Supported model types: blip, git, llava"):
+    with pytest.raises(UserError, match=r"OFA is not in transformers.*Supported model types: blip, git, blip-2, llava"):
         families.load(str(tmp_path / "ofa"))
 
 
