@@ -36,6 +36,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -107,6 +108,8 @@ _RESUME_MUST_MATCH = ("MODEL_ID", "DATA_DIR", "USE_LORA", "LORA_R", "LORA_ALPHA"
                       "MAX_CAPTION_TOKENS", "AUGMENT", "PROMPT")
 # The file that marks OUTPUT_DIR as this script's: written first, so a folder without it is not ours.
 _MARKER = "training_config.json"
+# In OUTPUT_DIR (never DATA_DIR): the images that passed the start-up check, with their size and mtime.
+_CHECK_FILE = ".image_check.json"
 
 
 # ----------------------------------------------------------------------------- checks
@@ -170,20 +173,43 @@ class OutputLock:
 
 
 # ----------------------------------------------------------------------------- data
-def load_dataset(data_dir, rank: int, world: int, log=print):
-    """captions.json plus the images that decode; each process checks its share, all get the result."""
+def load_dataset(data_dir, rank: int, world: int, log=print, check_file: Path | None = None):
+    """captions.json plus the images that pass the start-up check; each process checks its share, all
+    get the result. Images that passed before with the same size and mtime (check_file, in OUTPUT_DIR)
+    are not checked again; the main process writes the new list there."""
     captions = read_captions(data_dir)
-    items, skipped = check_images(data_dir, {n: captions[n] for n in sorted(captions)[rank::world]},
-                                  progress=rank == 0)
+    known = read_check_file(check_file, data_dir)
+    items, skipped, passed = check_images(data_dir, {n: captions[n] for n in sorted(captions)[rank::world]},
+                                          progress=rank == 0, known=known)
     if world > 1:
         items = sorted(gather_object(items))
         skipped = sorted(gather_object(skipped))
+        passed = dict(gather_object(sorted(passed.items())))
+    reused = sum(known.get(n) == fp for n, fp in passed.items())
+    log(f"images: {len(items):,} of {len(captions):,} usable; {len(captions) - reused:,} checked now, "
+        f"{reused:,} known from an earlier run's check")
+    if rank == 0 and check_file is not None and passed != known:
+        with contextlib.suppress(OSError):  # only a speed-up for the next run: never a reason to stop
+            common.atomic_write_bytes(check_file, json.dumps({"data_dir": str(Path(data_dir).resolve()),
+                                                              "passed": passed}).encode())
     if skipped:
         log(skipped_warning(skipped, len(captions)))
     if not items:
         raise UserError(f"no usable images in {data_dir} ({len(captions)} captions, all skipped): "
                         "run `python download_coco.py` or fix DATA_DIR")
     return items, skipped
+
+
+def read_check_file(path: Path | None, data_dir) -> dict[str, list[int]]:
+    """{file_name: [size, mtime_ns]} of the images that passed an earlier run's check of this DATA_DIR;
+    empty if there is none (or it is unreadable: then everything is checked again)."""
+    try:
+        saved = json.loads(path.read_bytes())
+        if saved["data_dir"] == str(Path(data_dir).resolve()) and isinstance(saved["passed"], dict):
+            return saved["passed"]
+    except (AttributeError, OSError, ValueError, KeyError, TypeError):
+        pass
+    return {}
 
 
 def read_captions(data_dir) -> dict[str, str]:
@@ -214,39 +240,120 @@ def is_plain_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
-def check_images(data_dir, captions: dict[str, str], threads: int = 4, progress: bool = False):
-    """Decode every image once, up front, so bad files are reported together before training.
-    Nothing is kept: training reads the images from disk again when it needs them.
+def check_images(data_dir, captions: dict[str, str], threads: int = 4, progress: bool = False, known=None):
+    """Check every image up front from its header (image_problem), so bad files are reported together
+    before training; decoding is left to the DataLoader. An image listed in `known` with the same
+    [size, mtime_ns] passed before and is not read at all.
 
-    Returns (items [(path, caption)], skipped [(file_name, reason)]); both sorted by file name.
+    Returns (items [(path, caption)], skipped [(file_name, reason)], passed {file_name: [size, mtime_ns]});
+    the lists sorted by file name.
     """
     folder = Path(data_dir).resolve()
+    known = known or {}
 
-    def problem(name):
+    def check(name):
         if not captions[name].strip():
-            return "empty caption"
-        path = Path(data_dir) / name
-        if not path.is_file():
-            return "missing file"
-        if path.resolve().parent != folder:  # a symlink that leads out of DATA_DIR
-            return "a link to a file outside DATA_DIR"
+            return "empty caption", None
+        path = os.path.join(data_dir, name)
         try:
-            common.open_image(path)
-        except UserError as e:
-            return str(e).split(": ", 1)[-1]
-        return None
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                st = os.stat(path)
+                if Path(path).resolve().parent != folder:  # a symlink that leads out of DATA_DIR
+                    return "a link to a file outside DATA_DIR", None
+        except OSError:
+            return "missing file", None
+        if not stat.S_ISREG(st.st_mode):
+            return "missing file", None
+        fingerprint = [st.st_size, st.st_mtime_ns]
+        if known.get(name) == fingerprint:
+            return None, fingerprint
+        problem = image_problem(path)
+        return problem, None if problem else fingerprint
 
     names = sorted(captions)
-    problems = []
+    chunks = [names[start : start + 256] for start in range(0, len(names), 256)]  # a task per image costs more
+    results = []
     bar = tqdm(total=len(names), desc="check images", unit="img", disable=not progress or len(names) < 1000)
-    with ThreadPoolExecutor(max(1, threads)) as pool:  # decoding releases the GIL
-        for start in range(0, len(names), 1024):  # in chunks: no million pending futures
-            problems += pool.map(problem, names[start : start + 1024])
-            bar.update(len(names[start : start + 1024]))
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # file reads (and any decoding) release the GIL
+        for chunk in pool.map(lambda chunk: [check(name) for name in chunk], chunks):
+            results += chunk
+            bar.update(len(chunk))
     bar.close()
-    items = [(str(Path(data_dir) / n), captions[n]) for n, p in zip(names, problems) if p is None]
-    skipped = [(n, p) for n, p in zip(names, problems) if p is not None]
-    return items, skipped
+    prefix = os.path.join(data_dir, "")
+    items = [(prefix + n, captions[n]) for n, (p, _) in zip(names, results, strict=True) if p is None]
+    skipped = [(n, p) for n, (p, _) in zip(names, results, strict=True) if p is not None]
+    passed = {n: fp for n, (_, fp) in zip(names, results, strict=True) if fp is not None}
+    return items, skipped, passed
+
+
+def image_problem(path) -> str | None:
+    """The start-up check of one image: None if it looks usable, else why not. No pixels are decoded:
+    a JPEG is read from its frame header (its size) and its last two bytes (the end marker, which a cut
+    download lacks); other formats are opened by PIL and verify()'d (PNG: every chunk's checksum).
+    A JPEG this cannot follow to its end marker is decoded in full, as every image used to be. An
+    image that passes and still fails to decode is skipped, by name, when the DataLoader reads it."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) != b"\xff\xd8":
+                return pil_header_problem(path)
+            size = jpeg_size(f)
+            f.seek(-2, os.SEEK_END)
+            if size is not None and f.read(2) == b"\xff\xd9":
+                return size_problem(*size)
+    except OSError as e:
+        return f"not a readable image ({e.strerror or e})"
+    try:
+        common.open_image(path)
+    except UserError as e:
+        return str(e).split(": ", 1)[-1]
+    return None
+
+
+# JPEG frame headers (SOF0-15) hold the size; C4, C8 and CC in that range are other segments.
+_JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(f) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, hopping from segment to segment after the start
+    marker (a few small reads); None where the markers do not lead to a frame header."""
+    for _ in range(1000):  # real files have a few dozen segments before it
+        segment = f.read(4)
+        if len(segment) < 4 or segment[0] != 0xFF:
+            return None
+        if segment[1] == 0xFF:  # a fill byte before the marker
+            f.seek(-3, os.SEEK_CUR)
+            continue
+        marker, length = segment[1], int.from_bytes(segment[2:], "big")
+        if marker in _JPEG_FRAME_MARKERS:
+            frame = f.read(5)  # precision, height, width
+            if len(frame) < 5:
+                return None
+            height, width = int.from_bytes(frame[1:3], "big"), int.from_bytes(frame[3:], "big")
+            return (width, height) if width and height else None
+        if length < 2 or marker in (0xD9, 0xDA):  # the end, or a scan before any frame header
+            return None
+        f.seek(length - 2, os.SEEK_CUR)
+    return None
+
+
+def size_problem(width: int, height: int) -> str | None:
+    if width * height > common.MAX_IMAGE_PIXELS:  # the rule common.open_image applies
+        return f"{width}x{height} pixels is too large to caption"
+    return None
+
+
+def pil_header_problem(path) -> str | None:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = common.MAX_IMAGE_PIXELS
+    try:
+        with Image.open(path) as im:
+            return size_problem(im.width, im.height) or im.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return f"image too large ({e})"
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        return f"not a readable image ({e})"
 
 
 def skipped_warning(skipped, total: int, limit: int = 20) -> str:
@@ -1225,7 +1332,7 @@ def main(argv=None):
     run, lock = setup_run(cfg)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(lock.release)
-        items, skipped = load_dataset(cfg["DATA_DIR"], run.rank, run.world, run.log)
+        items, skipped = load_dataset(cfg["DATA_DIR"], run.rank, run.world, run.log, run.out_dir / _CHECK_FILE)
         family, model = build_model(cfg, run)
         data = plan_data(cfg, run, family, model, items, skipped)
         if data.cache is not None:
