@@ -41,6 +41,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -384,7 +385,9 @@ class CaptionImages:
     """A map-style dataset: item i is {"index", "input_ids", "pixel_values"}.
 
     Images are read from disk when asked for, so memory does not grow with the dataset. Items in
-    `skip_images` (their vision prefix is cached) come without pixels: no decoding at all.
+    `skip_images` (their vision prefix is cached) come without pixels: no decoding at all. An image
+    that does not decode (it passed the start-up check from its header) comes marked "bad", with its
+    name and why, and blank pixels; collate_good leaves it out of the batch.
     """
 
     def __init__(self, paths, token_ids, family, augment=False, seed=0):
@@ -395,6 +398,7 @@ class CaptionImages:
         self.seed = seed
         self.epoch = 0
         self.skip_images = frozenset()
+        self._blank = None
 
     def __len__(self):
         return len(self.paths)
@@ -405,9 +409,45 @@ class CaptionImages:
             image = random_crop(image, random.Random(f"{self.seed}-{self.epoch}-{i}"))
         return self.family.pixel_values([image])[0]
 
+    def blank(self):
+        if self._blank is None:
+            from PIL import Image
+
+            self._blank = self.family.pixel_values([Image.new("RGB", (32, 32))])[0]
+        return self._blank
+
     def __getitem__(self, i):
-        pixel_values = None if i in self.skip_images else self.pixels(i)
-        return {"index": i, "input_ids": self.token_ids[i], "pixel_values": pixel_values}
+        item = {"index": i, "input_ids": self.token_ids[i], "pixel_values": None}
+        if i not in self.skip_images:
+            try:
+                item["pixel_values"] = self.pixels(i)
+            except UserError as e:
+                why = str(e).split(": ", 1)[-1]
+                item.update(pixel_values=self.blank(), bad=(Path(self.paths[i]).name, why))
+        return item
+
+
+def collate_good(family, examples: list[dict]) -> dict:
+    """The family's batch of the items whose image decoded; the others (marked "bad" by CaptionImages)
+    are left out and listed as batch["bad"] [(file_name, reason)]. When no image of the micro-batch
+    decoded, the batch is a stand-in (batch["stand_in"]): those items with blank pixels, which
+    optimizer_step runs at zero weight, so that every process still takes part in the backward."""
+    good = [e for e in examples if "bad" not in e]
+    batch = family.collate(good or examples)
+    batch["bad"] = [e["bad"] for e in examples if "bad" in e]
+    batch["stand_in"] = not good
+    return batch
+
+
+def note_bad_images(batches, dropped: dict):
+    """The loader's batches, naming each image that failed to decode once (a warning line from the
+    process that read it; each image belongs to one process) and recording it in `dropped`."""
+    for batch in batches:
+        for name, why in batch.pop("bad"):
+            if name not in dropped:
+                dropped[name] = why
+                tqdm.write(f"warning: skipped {name} ({why}): it failed to decode; training goes on")
+        yield batch
 
 
 def deal_columns(n_items: int, effective_batch: int, world_size: int, seed: int) -> list[list[int]]:
@@ -691,26 +731,37 @@ def vision_inputs(caption_model, batch, cache, autocast):
 
 def optimizer_step(training, micro_batches, n_global: int, batches, cache, max_grad_norm):
     """One optimizer step: GRAD_ACCUM micro-batches under accelerator.accumulate(). The loss is scaled
-    so the gradient is the mean over the step's n_global captions on all processes (accelerate divides
-    by GRAD_ACCUM and DDP averages over processes; the scale undoes both). Returns (sum of the
-    per-caption losses, number of captions, gradient norm before clipping)."""
+    so the gradient is the mean over the step's captions on all processes (accelerate divides by
+    GRAD_ACCUM and DDP averages over processes; the scale undoes both). Their number is n_global, less
+    any image that failed to decode (collate_good left it out), summed over the processes. Returns
+    (sum of the per-caption losses, number of captions, gradient norm before clipping)."""
     accelerator = training.accelerator
-    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / n_global
+    fetched = [next(batches) if micro_batch else None for micro_batch in micro_batches]
+    kept = [0 if b is None or b["stand_in"] else len(b["index"]) for b in fetched]
+    dropped = sum(map(len, micro_batches)) - sum(kept)
+    if accelerator.num_processes > 1:
+        dropped = int(accelerator.reduce(torch.tensor(dropped, device=accelerator.device), "sum").item())
+    n_step = n_global - dropped
+    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / max(n_step, 1)
     loss_sum = 0.0
     n = 0
     grad_norm = None
-    for micro_batch in micro_batches:
+    for batch in fetched:
         with accelerator.accumulate(training.prepared_model):
-            if micro_batch:  # empty only in a short last step, and then first: the last one syncs
-                batch = common.to_device(next(batches), accelerator.device)
-                losses = training.prepared_model(
-                    batch, **vision_inputs(training.caption_model, batch, cache, accelerator.autocast))
-                accelerator.backward(losses.sum() * scale)
-                loss_sum += losses.detach().double().sum().item()
-                n += len(micro_batch)
+            if batch is not None:  # None only in a short last step, and then first: the last one syncs
+                batch = common.to_device(batch, accelerator.device)
+                if batch["stand_in"]:  # no image decoded: zero weight, but DDP still syncs in the backward
+                    accelerator.backward(training.prepared_model(batch).sum() * 0.0)
+                else:
+                    losses = training.prepared_model(
+                        batch, **vision_inputs(training.caption_model, batch, cache, accelerator.autocast))
+                    accelerator.backward(losses.sum() * scale)
+                    loss_sum += losses.detach().double().sum().item()
+                    n += len(losses)
             if accelerator.sync_gradients and max_grad_norm is not None:
                 grad_norm = float(accelerator.clip_grad_norm_(training.parameters, max_grad_norm))
-            training.optimizer.step()  # accelerate's optimizer skips these until the last micro-batch
+            if n_step:  # accelerate's optimizer skips this until the last micro-batch
+                training.optimizer.step()
             if accelerator.sync_gradients:
                 training.scheduler.step()
             training.optimizer.zero_grad()
@@ -758,6 +809,7 @@ class Data:
     cache_mode: str
     cache_line: str
     prefix_stages: int
+    dropped: dict = field(default_factory=dict)  # {file_name: why}: images that failed to decode in training
 
 
 @dataclass
@@ -788,9 +840,10 @@ class LoopState:
 
 def make_loader(data: Data, family, batches, workers: int, seed: int):
     # Its own generator: creating an iterator must not draw from the global RNG (exact resume).
-    return torch.utils.data.DataLoader(data.dataset, batch_sampler=batches, num_workers=workers,
-                                       worker_init_fn=_quiet_worker, collate_fn=family.collate,
-                                       generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(data.dataset, batch_sampler=batches, num_workers=workers,
+                                         collate_fn=partial(collate_good, family),
+                                         worker_init_fn=_quiet_worker, generator=torch.Generator().manual_seed(seed))
+    return note_bad_images(loader, data.dropped)
 
 
 def _quiet_worker(_):
@@ -909,6 +962,8 @@ def evaluate(caption_model, loader, cache, accelerator) -> tuple[float, int]:
     caption_model.eval()
     with torch.no_grad():
         for batch in loader:
+            if batch["stand_in"]:  # no image of it decoded
+                continue
             batch = common.to_device(batch, accelerator.device)
             with accelerator.autocast():
                 losses = caption_model(batch, **vision_inputs(caption_model, batch, cache, accelerator.autocast))
@@ -920,16 +975,23 @@ def evaluate(caption_model, loader, cache, accelerator) -> tuple[float, int]:
 
 def sample_captions(family, model, paths, max_tokens: int, autocast=contextlib.nullcontext, device="cpu") -> list[str]:
     """Greedy captions, the way inference will produce them."""
-    if not paths:
-        return []
-    pixels = family.pixel_values([common.open_image(p) for p in paths]).to(device)
+    images = []
+    for p in paths:
+        try:
+            images.append(common.open_image(p))
+        except UserError:  # an image that does not decode gets no caption (training names it)
+            images.append(None)
+    if not any(images):
+        return [None] * len(paths)
+    pixels = family.pixel_values([im for im in images if im is not None]).to(device)
     base = families.base_model(model)
     was_training = base.training
     base.eval()
     with torch.no_grad(), autocast():
         ids = family.generate(base, pixels, max_new_tokens=max_tokens, num_beams=1, do_sample=False)
     base.train(was_training)
-    return family.decode(ids)
+    texts = iter(family.decode(ids))
+    return [None if im is None else next(texts) for im in images]
 
 
 def say_how_to_resume(run, state: LoopState, argv) -> None:
@@ -1180,6 +1242,7 @@ def summarize(cfg, run, family, model, data, training, state, resumed_from, rate
     caption_model = training.caption_model
     epochs_done = [m for m in state.history if m["type"] == "epoch"]
     digests = gather_object([params_digest(caption_model)])
+    skipped = data.skipped + sorted(gather_object(sorted(data.dropped.items())))  # at the check; in training
     steady = rates[1:] or rates
     results = {
         "output_dir": str(run.out_dir),
@@ -1203,7 +1266,7 @@ def summarize(cfg, run, family, model, data, training, state, resumed_from, rate
         "effective_batch": cfg["BATCH_SIZE"] * cfg["GRAD_ACCUM"] * run.world,
         "n_train": len(data.train_ids),
         "n_val": len(data.val_ids),
-        "skipped": [{"file": n, "reason": r} for n, r in data.skipped],
+        "skipped": [{"file": n, "reason": r} for n, r in skipped],
         "resumed_from": str(resumed_from) if resumed_from else None,
         "last_checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None,
         "trainable_digest_per_process": digests,
