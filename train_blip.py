@@ -427,6 +427,22 @@ class CaptionImages:
         return item
 
 
+class CaptionTokens:
+    """Each caption's token ids, made when the DataLoader asks for the item: tokenizing 100k captions
+    up front would hold the first step back by seconds, and costs next to nothing per batch."""
+
+    def __init__(self, captions: list[str], family, max_tokens: int):
+        self.captions = captions
+        self.family = family
+        self.max_tokens = max_tokens
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, i):
+        return self.family.tokenize([self.captions[i]], self.max_tokens)[0]
+
+
 def collate_good(family, examples: list[dict]) -> dict:
     """The family's batch of the items whose image decoded; the others (marked "bad" by CaptionImages)
     are left out and listed as batch["bad"] [(file_name, reason)]. When no image of the micro-batch
@@ -1338,7 +1354,7 @@ def setup_run(cfg) -> tuple[Run, OutputLock]:
 def plan_data(cfg, run, family, model, items, skipped) -> Data:
     """Tokens, the split, this process's shard and steps, and the prefix cache for its images."""
     max_tokens = min(cfg["MAX_CAPTION_TOKENS"], family.max_caption_tokens())
-    token_ids = family.tokenize([c for _, c in items], max_tokens)
+    token_ids = CaptionTokens([c for _, c in items], family, max_tokens)
     train_ids, val_ids = split_train_val(len(items), cfg["VAL_FRACTION"], cfg["SEED"])
     dataset = CaptionImages([p for p, _ in items], token_ids, family, cfg["AUGMENT"], cfg["SEED"])
     effective_batch = cfg["BATCH_SIZE"] * cfg["GRAD_ACCUM"] * run.world
