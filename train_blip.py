@@ -797,6 +797,7 @@ class Run:
     out_dir: Path
     started: float
     last_checkpoint: Path | None = None
+    first_step_at: float | None = None  # time.time() at the end of this run's first optimizer step
 
     @property
     def ckpt_dir(self) -> Path:
@@ -882,6 +883,7 @@ def train_epoch(cfg, run, family, data, training, state, stop, bar) -> tuple[str
         loss_sum, n, grad_norm = optimizer_step(training, micro_batches, n_global, loader, data.cache,
                                                 cfg["MAX_GRAD_NORM"])
         check_finite(accelerator, loss_sum, state.global_step + 1)
+        run.first_step_at = run.first_step_at or time.time()
         state.epoch_loss += loss_sum
         state.epoch_n += n
         state.log_loss += loss_sum
@@ -1287,6 +1289,7 @@ def summarize(cfg, run, family, model, data, training, state, resumed_from, rate
         "last_checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None,
         "trainable_digest_per_process": digests,
         "elapsed_s": round(time.time() - run.started, 1),
+        "first_step_s": round(run.first_step_at - run.started, 2) if run.first_step_at else None,
     }
     # Whole-process overhead: everything but the optimizer steps (loading, the image check, cache
     # filling inside the first epoch excepted, validation, sample captions, checkpoints, plots).
@@ -1303,7 +1306,7 @@ def summarize(cfg, run, family, model, data, training, state, resumed_from, rate
 
 
 # ----------------------------------------------------------------------------- main
-def setup_run(cfg) -> tuple[Run, OutputLock]:
+def setup_run(cfg, started: float) -> tuple[Run, OutputLock]:
     """Threads, denormals, processes, precision and the output folder: everything before the data."""
     from transformers.utils import logging as hf_logging
 
@@ -1346,7 +1349,7 @@ def setup_run(cfg) -> tuple[Run, OutputLock]:
     if error[0]:
         raise UserError(error[0])
     run = Run(state.is_main_process, state.process_index, state.num_processes, on_cpu, precision[0], out_dir,
-              time.time())
+              started)
     run.log(f"precision: {run.precision}" + (" (chosen by PRECISION='auto')" if cfg["PRECISION"] == "auto" else ""))
     return run, lock
 
@@ -1406,9 +1409,10 @@ def prepare_training(cfg, run, family, model, data) -> Training:
 
 
 def main(argv=None):
+    started = time.time()
     cfg = common.configure(globals(), argv, __doc__)
     common.quiet_known_warnings()
-    run, lock = setup_run(cfg)
+    run, lock = setup_run(cfg, started)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(lock.release)
         items, skipped = load_dataset(cfg["DATA_DIR"], run.rank, run.world, run.log, run.out_dir / _CHECK_FILE)
