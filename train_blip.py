@@ -273,7 +273,7 @@ def check_images(data_dir, captions: dict[str, str], threads: int = 4, progress:
         return problem, None if problem else fingerprint
 
     names = sorted(captions)
-    chunks = [names[start : start + 256] for start in range(0, len(names), 256)]  # a task per image costs more
+    chunks = [names[start : start + 256] for start in range(0, len(names), 256)]  # a task per image: slower
     results = []
     bar = tqdm(total=len(names), desc="check images", unit="img", disable=not progress or len(names) < 1000)
     with ThreadPoolExecutor(max(1, threads)) as pool:  # file reads (and any decoding) release the GIL
@@ -857,9 +857,10 @@ class LoopState:
 
 def make_loader(data: Data, family, batches, workers: int, seed: int):
     # Its own generator: creating an iterator must not draw from the global RNG (exact resume).
+    collate = partial(collate_good, family)  # the family's collate, minus images that failed to decode
     loader = torch.utils.data.DataLoader(data.dataset, batch_sampler=batches, num_workers=workers,
-                                         collate_fn=partial(collate_good, family),
-                                         worker_init_fn=_quiet_worker, generator=torch.Generator().manual_seed(seed))
+                                         worker_init_fn=_quiet_worker, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(seed))
     return note_bad_images(loader, data.dropped)
 
 
@@ -1415,7 +1416,8 @@ def main(argv=None):
     run, lock = setup_run(cfg, started)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(lock.release)
-        items, skipped = load_dataset(cfg["DATA_DIR"], run.rank, run.world, run.log, run.out_dir / _CHECK_FILE)
+        check_file = run.out_dir / _CHECK_FILE
+        items, skipped = load_dataset(cfg["DATA_DIR"], run.rank, run.world, run.log, check_file)
         family, model = build_model(cfg, run)
         data = plan_data(cfg, run, family, model, items, skipped)
         if data.cache is not None:
