@@ -94,6 +94,7 @@ def main(argv=None):
     cfg = common.configure(settings, argv, __doc__)
     common.print_config(cfg, "bench_startup.py")
     from bench_large_split_train import build_data, source_images
+
     from conftest import build_tiny_blip
 
     work = Path(cfg["WORK_DIR"] or tempfile.mkdtemp(prefix="bench_startup_"))

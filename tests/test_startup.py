@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_nasty_images
 from PIL import Image
 
 import common
 import train_blip
+from conftest import make_nasty_images
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -212,3 +212,43 @@ def test_corrupt_jpeg_passes_the_header_check_and_fails_to_decode(coco_mirror, t
     assert train_blip.image_problem(path) is None
     with pytest.raises(common.UserError, match="not a readable image"):
         common.open_image(path)
+
+
+# ----------------------------------------------------------------------------- two processes
+def train_losses(out_dir: Path) -> list[tuple[int, float]]:
+    lines = map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())
+    return [(m["step"], m["loss"]) for m in lines if m["type"] == "train"]
+
+
+def test_two_processes_with_an_image_that_fails_to_decode_match_one_process(tiny_blip_dir, coco_mirror,
+                                                                            tmp_path):
+    """torchrun, 2 processes x batch 1 = 1 process x batch 2. The process whose micro-batch holds only
+    the image that fails to decode runs the zero-weight stand-in, so the other one's gradient
+    all-reduce completes (without it the run hangs); both take the mean over the captions present."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from conftest import REPO, free_port
+
+    sources = mirror_jpegs(coco_mirror, 4)
+    write_data(tmp_path / "data", sources)
+    (tmp_path / "data" / "img_01.jpg").write_bytes(corrupt_jpeg(sources[1]))
+    run_args = ["--VAL_FRACTION=0", "--EPOCHS=1", "--LORA_DROPOUT=0.0", "--LR=1e-3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(REPO / "train_blip.py"),
+           *args(tiny_blip_dir, tmp_path / "data", tmp_path / "two", *run_args, "--BATCH_SIZE=1")]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "train_results.json").read_text())
+    assert two["optimizer_steps"] == 2 and len(set(two["trainable_digest_per_process"])) == 1
+    assert [s["file"] for s in two["skipped"]] == ["img_01.jpg"]
+    train_blip.main(args(tiny_blip_dir, tmp_path / "data", tmp_path / "one", *run_args, "--BATCH_SIZE=2"))
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("one", "two"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    one_losses, two_losses = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert [s for s, _ in one_losses] == [s for s, _ in two_losses] == [1, 2]
+    assert [x for _, x in one_losses] == pytest.approx([x for _, x in two_losses], rel=1e-5)
