@@ -46,10 +46,16 @@ WORK_DIR = None  # None: a temporary folder, removed afterwards | a folder to ke
 EXTRA_ARGS = []  # more --NAME=value for train_blip.py
 
 # Lines of train_blip.py that mark the start-up stages, in the order they appear.
-MARKS = {"== train_blip.py ==": "config printed (imports done)", "precision:": "precision chosen",
-         "warning: skipped": "images checked (some skipped)", "images:": "images checked",
-         "model:": "model loaded", "data:": "tokenized and split", "prefix cache:": "prefix cache planned",
-         "epoch 1 step 1:": "first optimizer step"}
+MARKS = {
+    "== train_blip.py ==": "config printed (imports done)",
+    "precision:": "precision chosen",
+    "warning: skipped": "images checked (some skipped)",
+    "images:": "images checked",
+    "model:": "model loaded",
+    "data:": "tokenized and split",
+    "prefix cache:": "prefix cache planned",
+    "epoch 1 step 1:": "first optimizer step",
+}
 
 
 def cpu_seconds(proc) -> float:
@@ -72,21 +78,33 @@ def timed_run(cmd: list[str], env: dict) -> dict:
 
     stages, log = [], []
     start = time.perf_counter()
-    child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             bufsize=1)
+    child = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
     proc = psutil.Process(child.pid)
     for line in child.stdout:
         log.append(line.rstrip("\n"))
         for part in line.replace("\r", "\n").split("\n"):
             for key, stage in MARKS.items():
                 if part.strip().startswith(key) and not any(s["stage"] == stage for s in stages):
-                    stages.append({"stage": stage, "t_s": round(time.perf_counter() - start, 2),
-                                   "cpu_s": round(cpu_seconds(proc), 2), "line": part.strip()[:140]})
+                    stages.append(
+                        {
+                            "stage": stage,
+                            "t_s": round(time.perf_counter() - start, 2),
+                            "cpu_s": round(cpu_seconds(proc), 2),
+                            "line": part.strip()[:140],
+                        }
+                    )
     child.wait()
     first = next((s for s in stages if s["stage"] == "first optimizer step"), {})
-    return {"returncode": child.returncode, "wall_s": round(time.perf_counter() - start, 1),
-            "to_first_step_s": first.get("t_s"), "cpu_to_first_step_s": first.get("cpu_s"), "stages": stages,
-            "log_tail": log[-30:]}
+    return {
+        "returncode": child.returncode,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "to_first_step_s": first.get("t_s"),
+        "cpu_to_first_step_s": first.get("cpu_s"),
+        "stages": stages,
+        "log_tail": log[-30:],
+    }
 
 
 def main(argv=None):
@@ -111,13 +129,28 @@ def main(argv=None):
             build_tiny_blip(model_dir, Path(cfg["PROCESSOR_DIR"]), image_size=cfg["IMAGE_SIZE"])
         out_dir = work / f"out{n}"
         shutil.rmtree(out_dir, ignore_errors=True)  # the first run must check every image
-        cmd = [sys.executable, str(REPO / "train_blip.py"), f"--MODEL_ID={model_dir}",
-               f"--DATA_DIR={data_dir}", f"--OUTPUT_DIR={out_dir}", "--RESUME=None", "--EPOCHS=1",
-               "--MAX_STEPS=1", "--LOG_EVERY=1", "--VAL_FRACTION=0.001", "--NUM_SAMPLE_CAPTIONS=0",
-               *cfg["EXTRA_ARGS"]]
+        cmd = [
+            sys.executable,
+            str(REPO / "train_blip.py"),
+            f"--MODEL_ID={model_dir}",
+            f"--DATA_DIR={data_dir}",
+            f"--OUTPUT_DIR={out_dir}",
+            "--RESUME=None",
+            "--EPOCHS=1",
+            "--MAX_STEPS=1",
+            "--LOG_EVERY=1",
+            "--VAL_FRACTION=0.001",
+            "--NUM_SAMPLE_CAPTIONS=0",
+            *cfg["EXTRA_ARGS"],
+        ]
         print("running (each time):", " ".join(cmd))
-        env = dict(os.environ, MPLBACKEND="Agg", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                   PYTHONUNBUFFERED="1")
+        env = dict(
+            os.environ,
+            MPLBACKEND="Agg",
+            HF_HUB_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+            PYTHONUNBUFFERED="1",
+        )
         runs = []
         for k in range(cfg["RUNS"]):
             load_before = os.getloadavg()
@@ -126,14 +159,19 @@ def main(argv=None):
                 print("\n".join(run["log_tail"]))
                 raise common.UserError(f"train_blip.py failed with exit code {run['returncode']} (log above)")
             results = json.loads((out_dir / "train_results.json").read_text())
-            run.update(kind="first run" if k == 0 else "rerun", first_step_s=results.get("first_step_s"),
-                       load_average_before=[round(x, 2) for x in load_before],
-                       load_average_after=[round(x, 2) for x in os.getloadavg()])
+            run.update(
+                kind="first run" if k == 0 else "rerun",
+                first_step_s=results.get("first_step_s"),
+                load_average_before=[round(x, 2) for x in load_before],
+                load_average_after=[round(x, 2) for x in os.getloadavg()],
+            )
             runs.append(run)
-            print(f"\n{run['kind']}: process start -> first optimizer step {run['to_first_step_s']} s, "
-                  f"{run['cpu_to_first_step_s']} CPU s (main() -> step 1: {run['first_step_s']} s); "
-                  f"whole run {run['wall_s']} s; load average {run['load_average_before'][0]:.2f} before, "
-                  f"{run['load_average_after'][0]:.2f} after")
+            print(
+                f"\n{run['kind']}: process start -> first optimizer step {run['to_first_step_s']} s, "
+                f"{run['cpu_to_first_step_s']} CPU s (main() -> step 1: {run['first_step_s']} s); "
+                f"whole run {run['wall_s']} s; load average {run['load_average_before'][0]:.2f} before, "
+                f"{run['load_average_after'][0]:.2f} after"
+            )
             for s in run["stages"]:
                 print(f"  {s['t_s']:7.2f} s {s['cpu_s']:7.2f} CPU s  {s['stage']}: {s['line'][:90]}")
     finally:
@@ -143,8 +181,10 @@ def main(argv=None):
     out = REPO / "benchmarks" / "results" / f"bench_startup_{n}.json"
     common.atomic_write_json(out, report)
     reruns = "".join(f", rerun {r['to_first_step_s']} s" for r in runs[1:])
-    print(f"\n{n:,} images: first run {runs[0]['to_first_step_s']} s{reruns} from process start to the first "
-          f"optimizer step; written {out.relative_to(REPO)}")
+    print(
+        f"\n{n:,} images: first run {runs[0]['to_first_step_s']} s{reruns} from process start to the first "
+        f"optimizer step; written {out.relative_to(REPO)}"
+    )
     return report
 
 

@@ -51,9 +51,17 @@ def write_data(folder: Path, sources: list[Path]) -> dict[str, str]:
 
 
 def args(model_dir, data_dir, out_dir, *extra) -> list[str]:
-    return [f"--MODEL_ID={model_dir}", f"--DATA_DIR={data_dir}", f"--OUTPUT_DIR={out_dir}",
-            "--PRECISION=fp32", "--NUM_WORKERS=0", "--LOG_EVERY=1", "--NUM_SAMPLE_CAPTIONS=0",
-            "--MAX_CAPTION_TOKENS=16", *extra]
+    return [
+        f"--MODEL_ID={model_dir}",
+        f"--DATA_DIR={data_dir}",
+        f"--OUTPUT_DIR={out_dir}",
+        "--PRECISION=fp32",
+        "--NUM_WORKERS=0",
+        "--LOG_EVERY=1",
+        "--NUM_SAMPLE_CAPTIONS=0",
+        "--MAX_CAPTION_TOKENS=16",
+        *extra,
+    ]
 
 
 # ----------------------------------------------------------------------------- the header check
@@ -141,14 +149,16 @@ def logged(out_dir: Path) -> list:
     return [(m["type"], m["step"], m.get("loss"), m.get("train_loss"), m.get("val_loss")) for m in lines]
 
 
-def test_image_that_fails_to_decode_is_skipped_by_name_and_resume_is_exact(tiny_blip_dir, bad_at_load,
-                                                                           tmp_path, capsys):
+def test_image_that_fails_to_decode_is_skipped_by_name_and_resume_is_exact(
+    tiny_blip_dir, bad_at_load, tmp_path, capsys
+):
     from safetensors.torch import load_file
 
     data, bad = bad_at_load
     common_args = ["--VAL_FRACTION=0.2", "--BATCH_SIZE=2", "--NUM_SAMPLE_CAPTIONS=2"]
-    straight = train_blip.main(args(tiny_blip_dir, data, tmp_path / "a", "--EPOCHS=2", "--NUM_WORKERS=1",
-                                    *common_args))
+    straight = train_blip.main(
+        args(tiny_blip_dir, data, tmp_path / "a", "--EPOCHS=2", "--NUM_WORKERS=1", *common_args)
+    )
     out = capsys.readouterr().out
     warnings = [line for line in out.splitlines() if line.startswith("warning: skipped")]
     assert warnings[0].startswith("warning: skipped 1 of 13 images: zz_cut.jpg")  # at start-up
@@ -157,8 +167,11 @@ def test_image_that_fails_to_decode_is_skipped_by_name_and_resume_is_exact(tiny_
     assert len(warnings) == 3
     assert straight["epochs"] == 2 and straight["n_train"] + straight["n_val"] == 12
     assert sorted(s["file"] for s in straight["skipped"]) == sorted([*bad.values(), "zz_cut.jpg"])
-    epochs = [m for m in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
-              if m["type"] == "epoch"]
+    epochs = [
+        m
+        for m in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
+        if m["type"] == "epoch"
+    ]
     captions = {c["file"]: c["generated"] for c in epochs[-1]["captions"]}
     assert captions[bad["val"]] is None and all(captions[f] for f in captions if f != bad["val"])
     assert (tmp_path / "a" / train_blip._CHECK_FILE).is_file() and straight["first_step_s"] > 0
@@ -173,8 +186,9 @@ def test_image_that_fails_to_decode_is_skipped_by_name_and_resume_is_exact(tiny_
 
 
 @pytest.mark.parametrize("batch_size,grad_accum", [(4, 1), (1, 4)])
-def test_a_step_with_a_dropped_image_is_the_mean_over_the_captions_present(tiny_blip_dir, coco_mirror,
-                                                                          tmp_path, batch_size, grad_accum):
+def test_a_step_with_a_dropped_image_is_the_mean_over_the_captions_present(
+    tiny_blip_dir, coco_mirror, tmp_path, batch_size, grad_accum
+):
     """One step over 4 images of which one does not decode = one step over the 3 others, in loss and
     gradient norm (Adam's first step hides a scale, the norm does not). With batch 1 x 4 accumulation
     that image's micro-batch is empty: it runs as a zero-weight stand-in."""
@@ -183,11 +197,20 @@ def test_a_step_with_a_dropped_image_is_the_mean_over_the_captions_present(tiny_
     (tmp_path / "with_bad" / "img_02.jpg").write_bytes(corrupt_jpeg(sources[2]))
     three = write_data(tmp_path / "three", [s for k, s in enumerate(sources) if k != 2])
     numbers = [0, 1, 3]  # the same captions as in with_bad
-    (tmp_path / "three" / "captions.json").write_text(json.dumps(
-        {n: f"a photo with the number {k}" for n, k in zip(sorted(three), numbers, strict=True)}))
+    (tmp_path / "three" / "captions.json").write_text(
+        json.dumps({n: f"a photo with the number {k}" for n, k in zip(sorted(three), numbers, strict=True)})
+    )
     step = ["--VAL_FRACTION=0", "--MAX_STEPS=1", "--LORA_DROPOUT=0.0", "--LR=1e-3"]
-    train_blip.main(args(tiny_blip_dir, tmp_path / "with_bad", tmp_path / "a", *step,
-                         f"--BATCH_SIZE={batch_size}", f"--GRAD_ACCUM={grad_accum}"))
+    train_blip.main(
+        args(
+            tiny_blip_dir,
+            tmp_path / "with_bad",
+            tmp_path / "a",
+            *step,
+            f"--BATCH_SIZE={batch_size}",
+            f"--GRAD_ACCUM={grad_accum}",
+        )
+    )
     train_blip.main(args(tiny_blip_dir, tmp_path / "three", tmp_path / "b", *step, "--BATCH_SIZE=3"))
     a, b = (json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0]) for d in "ab")
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -220,8 +243,9 @@ def train_losses(out_dir: Path) -> list[tuple[int, float]]:
     return [(m["step"], m["loss"]) for m in lines if m["type"] == "train"]
 
 
-def test_two_processes_with_an_image_that_fails_to_decode_match_one_process(tiny_blip_dir, coco_mirror,
-                                                                            tmp_path):
+def test_two_processes_with_an_image_that_fails_to_decode_match_one_process(
+    tiny_blip_dir, coco_mirror, tmp_path
+):
     """torchrun, 2 processes x batch 1 = 1 process x batch 2. The process whose micro-batch holds only
     the image that fails to decode runs the zero-weight stand-in, so the other one's gradient
     all-reduce completes (without it the run hangs); both take the mean over the captions present."""
@@ -236,11 +260,22 @@ def test_two_processes_with_an_image_that_fails_to_decode_match_one_process(tiny
     write_data(tmp_path / "data", sources)
     (tmp_path / "data" / "img_01.jpg").write_bytes(corrupt_jpeg(sources[1]))
     run_args = ["--VAL_FRACTION=0", "--EPOCHS=1", "--LORA_DROPOUT=0.0", "--LR=1e-3"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(REPO / "train_blip.py"),
-           *args(tiny_blip_dir, tmp_path / "data", tmp_path / "two", *run_args, "--BATCH_SIZE=1")]
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "train_blip.py"),
+        *args(tiny_blip_dir, tmp_path / "data", tmp_path / "two", *run_args, "--BATCH_SIZE=1"),
+    ]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "train_results.json").read_text())
