@@ -15,8 +15,9 @@ import os
 import stat
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 # ----------------------------------------------------------------------------- errors
@@ -48,8 +49,12 @@ def quiet_known_warnings() -> None:
     purpose (this message, from that module); every other warning still shows."""
     import warnings
 
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
-                            module=r"transformers\.modeling_utils")
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`is_gradient_checkpointing` is deprecated",
+        category=FutureWarning,
+        module=r"transformers\.modeling_utils",
+    )
 
 
 # ----------------------------------------------------------------------------- configurator
@@ -283,7 +288,7 @@ def cpu_supports_bf16() -> bool:
     return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_bf16_is_faster(min_speedup: float = 1.3) -> bool:
     """Having the instructions is not enough: on some CPUs (avx512_bf16 without AMX) oneDNN's bf16
     matmul runs at half the fp32 speed. Time a BLIP-sized matmul both ways (~50 ms) and decide."""

@@ -41,8 +41,8 @@ import threading
 import time
 import zipfile
 import zlib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import requests
 import urllib3
@@ -53,7 +53,7 @@ from urllib3.util.retry import Retry
 import common
 
 # ---- source
-COCO_BASE_URL = "http://images.cocodataset.org"  # or a mirror with the same layout, e.g. http://127.0.0.1:8765
+COCO_BASE_URL = "http://images.cocodataset.org"  # or a mirror in the same layout: http://127.0.0.1:8765
 SPLIT = "val2017"  # val2017 (5,000 images) | train2017 (118,287 images)
 # ---- selection
 NUM_IMAGES = 100  # training images to deliver into OUTPUT_DIR (>= 1)
@@ -111,9 +111,18 @@ def check_config(cfg: dict) -> None:
     """Fail in one line, before any network, on settings that cannot work."""
     if cfg["SPLIT"] not in _VALID_SPLITS:
         raise common.UserError(
-            f"SPLIT={cfg['SPLIT']!r} is not a COCO 2017 split; valid: {', '.join(_VALID_SPLITS)}")
-    for name in ("NUM_IMAGES", "NUM_TEST_IMAGES", "WORKERS", "MAX_FAILURES_IN_A_ROW",
-                 "IMAGE_DEADLINE", "MAX_IMAGE_MB", "MAX_ZIP_MB", "MAX_CAPTIONS_MB"):
+            f"SPLIT={cfg['SPLIT']!r} is not a COCO 2017 split; valid: {', '.join(_VALID_SPLITS)}"
+        )
+    for name in (
+        "NUM_IMAGES",
+        "NUM_TEST_IMAGES",
+        "WORKERS",
+        "MAX_FAILURES_IN_A_ROW",
+        "IMAGE_DEADLINE",
+        "MAX_IMAGE_MB",
+        "MAX_ZIP_MB",
+        "MAX_CAPTIONS_MB",
+    ):
         if cfg[name] <= 0:
             raise common.UserError(f"{name}={cfg[name]} must be a positive number")
     if cfg["TIMEOUT"] <= 0 or cfg["RETRIES"] < 0 or cfg["RETRY_BACKOFF"] < 0:
@@ -128,7 +137,8 @@ def check_folders(cfg: dict) -> None:
     for a, b in itertools.combinations(names, 2):
         if where[a] == where[b] or where[a] in where[b].parents or where[b] in where[a].parents:
             raise common.UserError(
-                f"{a}={cfg[a]!r} and {b}={cfg[b]!r} overlap ({where[a]} vs {where[b]}); use separate folders")
+                f"{a}={cfg[a]!r} and {b}={cfg[b]!r} overlap ({where[a]} vs {where[b]}); use separate folders"
+            )
 
 
 class CappedRetry(Retry):
@@ -144,8 +154,10 @@ class CappedRetry(Retry):
             return None
         if asked is None or asked <= self.MAX_WAIT:
             return asked
-        tqdm.write(f"  the server asked to wait {asked:g}s (Retry-After); waited {self.MAX_WAIT:g}s, "
-                   f"the cap of 2 x RETRY_BACKOFF x 2^RETRIES")
+        tqdm.write(
+            f"  the server asked to wait {asked:g}s (Retry-After); waited {self.MAX_WAIT:g}s, "
+            f"the cap of 2 x RETRY_BACKOFF x 2^RETRIES"
+        )
         return self.MAX_WAIT
 
 
@@ -155,8 +167,12 @@ def make_session(workers: int, retries: int, backoff: float) -> requests.Session
     # A subclass per session carries the cap: Retry.new() copies the class, not instance attributes.
     capped = type("CappedRetry", (CappedRetry,), {"MAX_WAIT": 2 * backoff * 2**retries})
     retry = capped(
-        total=retries, connect=retries, read=retries, status=retries,
-        backoff_factor=backoff, status_forcelist=_RETRY_STATUSES,
+        total=retries,
+        connect=retries,
+        read=retries,
+        status=retries,
+        backoff_factor=backoff,
+        status_forcelist=_RETRY_STATUSES,
         allowed_methods=frozenset({"GET", "HEAD"}),
         raise_on_status=False,  # after the last retry, hand back the 5xx so we can report it
     )
@@ -203,8 +219,10 @@ def download_resumable(session: requests.Session, url: str, dest: Path, cfg: dic
 
     def too_large(how: str) -> common.UserError:
         part.unlink(missing_ok=True)
-        return common.UserError(f"{url} is larger than MAX_ZIP_MB={cfg['MAX_ZIP_MB']:g} ({how}); "
-                                f"check COCO_BASE_URL (now {base_url}) or raise MAX_ZIP_MB")
+        return common.UserError(
+            f"{url} is larger than MAX_ZIP_MB={cfg['MAX_ZIP_MB']:g} ({how}); "
+            f"check COCO_BASE_URL (now {base_url}) or raise MAX_ZIP_MB"
+        )
 
     for _ in range(attempts):
         have = part.stat().st_size if part.exists() else 0
@@ -224,7 +242,8 @@ def download_resumable(session: requests.Session, url: str, dest: Path, cfg: dic
                 continue
             if r.status_code not in (200, 206):
                 raise common.UserError(
-                    f"HTTP {r.status_code} for {url}; check COCO_BASE_URL (now {base_url})")
+                    f"HTTP {r.status_code} for {url}; check COCO_BASE_URL (now {base_url})"
+                )
             if r.status_code == 200:
                 have = 0  # the server ignored Range (or this is a fresh start): rewrite from byte 0
             length = declared_length(r)
@@ -232,10 +251,18 @@ def download_resumable(session: requests.Session, url: str, dest: Path, cfg: dic
             if total is not None and total > cap:
                 raise too_large(f"announced: {total} bytes")
             try:
-                with open(part, "ab" if have else "wb") as f, tqdm(
-                    total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=dest.name, leave=False,
-                ) as bar:
+                with (
+                    open(part, "ab" if have else "wb") as f,
+                    tqdm(
+                        total=total,
+                        initial=have,
+                        unit="B",
+                        unit_scale=True,
+                        unit_divisor=1024,
+                        desc=dest.name,
+                        leave=False,
+                    ) as bar,
+                ):
                     for chunk in r.iter_content(chunk_size=1 << 16):
                         f.write(chunk)
                         bar.update(len(chunk))
@@ -306,7 +333,8 @@ def fetch_captions_json(session: requests.Session, cfg: dict) -> Path:
             part.unlink(missing_ok=True)
             raise common.UserError(
                 f"downloaded {url} is not a valid annotation zip ({problem}); deleted it, rerun to fetch it "
-                "again")
+                "again"
+            )
         os.replace(part, zip_path)
     else:
         problem = zip_problem(zip_path, member, max_json)
@@ -315,7 +343,8 @@ def fetch_captions_json(session: requests.Session, cfg: dict) -> Path:
     if problem is not None:
         zip_path.unlink()
         raise common.UserError(
-            f"{zip_path} is not a valid annotation zip ({problem}); deleted it, rerun to fetch it again")
+            f"{zip_path} is not a valid annotation zip ({problem}); deleted it, rerun to fetch it again"
+        )
     return json_path
 
 
@@ -367,12 +396,16 @@ def index_captions(annotations: dict) -> dict[str, list[str]]:
         else:
             bad_names.append(im.get("file_name"))
     if bad_captions:
-        print(f"warning: skipped {bad_captions} of {len(annotations['annotations'])} annotations with a "
-              f"missing, null, non-string or empty caption")
+        print(
+            f"warning: skipped {bad_captions} of {len(annotations['annotations'])} annotations with a "
+            f"missing, null, non-string or empty caption"
+        )
     if bad_names:
         shown = ", ".join(repr(n)[:120] for n in bad_names[:10]) + (", ..." if len(bad_names) > 10 else "")
-        print(f"warning: skipped {len(bad_names)} images whose file_name is not a plain name like "
-              f"000000000139.jpg: {shown}")
+        print(
+            f"warning: skipped {len(bad_names)} images whose file_name is not a plain name like "
+            f"000000000139.jpg: {shown}"
+        )
     if not index:
         raise BadAnnotations("it has no image with a usable caption and file_name")
     return index
@@ -395,8 +428,10 @@ def read_captions_index(session: requests.Session, cfg: dict) -> dict[str, list[
                 f"it and the zip: rerun to download them again, or check COCO_BASE_URL "
                 f"(now {cfg['COCO_BASE_URL']})"
             ) from None
-        raise common.UserError(f"{json_path} is not a COCO captions file ({e}); deleted it, rerun to extract "
-                               f"it again from {zip_path}") from None
+        raise common.UserError(
+            f"{json_path} is not a COCO captions file ({e}); deleted it, rerun to extract "
+            f"it again from {zip_path}"
+        ) from None
 
 
 def shuffled_pool(captions_by_file: dict[str, list[str]], seed: int) -> list[str]:
@@ -453,8 +488,10 @@ class Ledger:
         self._rewrite()  # before the caller removes captions.json, which `previous` came from
 
     def _rewrite(self) -> None:
-        lines = [json.dumps({"name": n, "size": k and k[0], "mtime_ns": k and k[1]}) + "\n"
-                 for n, k in self.entries.items()]
+        lines = [
+            json.dumps({"name": n, "size": k and k[0], "mtime_ns": k and k[1]}) + "\n"
+            for n, k in self.entries.items()
+        ]
         common.atomic_write_bytes(self.path, "".join(lines).encode())
 
     @staticmethod
@@ -561,8 +598,9 @@ def download_body(r: requests.Response, f, cfg: dict, deadline: float, stop: thr
     return None
 
 
-def fetch_image(session: requests.Session, url: str, path: Path, cfg: dict, ledger: Ledger,
-                stop: threading.Event) -> tuple[str, str]:
+def fetch_image(
+    session: requests.Session, url: str, path: Path, cfg: dict, ledger: Ledger, stop: threading.Event
+) -> tuple[str, str]:
     """Make `path` a valid image: ('present', '') if it already is, ('downloaded', '') after a
     checked download, ('failed', reason) otherwise. Only a whole, decodable body is renamed into place."""
     try:
@@ -599,14 +637,22 @@ def fetch_image(session: requests.Session, url: str, path: Path, cfg: dict, ledg
         return "failed", describe(e)
     except OSError as e:
         raise common.UserError(
-            f"cannot write {path} ({e.strerror}); free some space or change the output folder") from None
+            f"cannot write {path} ({e.strerror}); free some space or change the output folder"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
     return "downloaded", ""
 
 
-def fetch_many(fetch: Callable[[str, threading.Event], tuple[str, str]], names: Iterator[str], want: int,
-               workers: int, max_failures_in_a_row: int, desc: str, stop_hint: str) -> dict:
+def fetch_many(
+    fetch: Callable[[str, threading.Event], tuple[str, str]],
+    names: Iterator[str],
+    want: int,
+    workers: int,
+    max_failures_in_a_row: int,
+    desc: str,
+    stop_hint: str,
+) -> dict:
     """Run fetch(name, stop) on `workers` threads until `want` succeed, replacing each failure by the
     next name from `names` (shared between calls). Returns the successes in pool order and the failures.
 
@@ -659,7 +705,8 @@ def fetch_many(fetch: Callable[[str, threading.Event], tuple[str, str]], names: 
                 tqdm.write(f"  failed {name}: {reason}; taking another image")
                 if in_a_row >= max_failures_in_a_row:
                     raise common.UserError(
-                        f"{in_a_row} downloads in a row failed (last: {name}: {reason}); {stop_hint}")
+                        f"{in_a_row} downloads in a row failed (last: {name}: {reason}); {stop_hint}"
+                    )
                 added = submit_next()
                 running += added
                 counts["replaced"] += added
@@ -679,8 +726,14 @@ def clear_outputs(folder: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_outputs(folder: Path, names: list[str], captions_by_file: dict[str, list[str]], mistakes: bool,
-                  metadata: bool, copies: dict[str, str] | None = None) -> dict[str, str]:
+def write_outputs(
+    folder: Path,
+    names: list[str],
+    captions_by_file: dict[str, list[str]],
+    mistakes: bool,
+    metadata: bool,
+    copies: dict[str, str] | None = None,
+) -> dict[str, str]:
     """`copies` maps extra file names to the image they copy (test_image.jpg): they get its references,
     so inference.py can score the default single image, but no entry in captions.json."""
     captions = {n: training_caption(captions_by_file[n][0], mistakes) for n in names}
@@ -688,8 +741,9 @@ def write_outputs(folder: Path, names: list[str], captions_by_file: dict[str, li
     references.update({alias: captions_by_file[n] for alias, n in (copies or {}).items()})
     common.atomic_write_json(folder / "references.json", references)
     if metadata:
-        lines = "".join(json.dumps({"file_name": n, "text": c}, ensure_ascii=False) + "\n"
-                        for n, c in captions.items())
+        lines = "".join(
+            json.dumps({"file_name": n, "text": c}, ensure_ascii=False) + "\n" for n, c in captions.items()
+        )
         common.atomic_write_bytes(folder / "metadata.jsonl", lines.encode("utf-8"))
     common.atomic_write_json(folder / "captions.json", captions)  # last: the folder is now complete
     return captions
@@ -713,12 +767,16 @@ def main(argv=None):
     print(f"{len(pool)} {cfg['SPLIT']} images have captions")
     n_train, n_test = cfg["NUM_IMAGES"], cfg["NUM_TEST_IMAGES"]
     if len(pool) < n_train + n_test:
-        print(f"warning: only {len(pool)} images to choose from, "
-              f"fewer than NUM_IMAGES + NUM_TEST_IMAGES = {n_train + n_test}")
+        print(
+            f"warning: only {len(pool)} images to choose from, "
+            f"fewer than NUM_IMAGES + NUM_TEST_IMAGES = {n_train + n_test}"
+        )
 
     # What we own, read before clear_outputs removes the captions.json an older version left.
-    ledgers = {out: Ledger(out, previous_names(out)),
-               samples: Ledger(samples, previous_names(samples, [_TEST_IMAGE]))}
+    ledgers = {
+        out: Ledger(out, previous_names(out)),
+        samples: Ledger(samples, previous_names(samples, [_TEST_IMAGE])),
+    }
     for folder in (out, samples):
         clear_outputs(folder)  # from here until the JSON is rewritten, the folders are "incomplete"
     names = iter(pool)  # shared: test images come after the training ones, so the two never overlap
@@ -737,16 +795,19 @@ def main(argv=None):
     copies = {_TEST_IMAGE: test["names"][0]} if test["names"] else {}
     for alias, name in copies.items():
         write_image(samples / alias, (samples / name).read_bytes(), ledgers[samples])
-    write_outputs(samples, test["names"], captions_by_file, cfg["ADD_MISTAKES"], metadata=False,
-                  copies=copies)
+    write_outputs(
+        samples, test["names"], captions_by_file, cfg["ADD_MISTAKES"], metadata=False, copies=copies
+    )
     stale = ledgers[out].remove_stale(set(train["names"]))
     stale += ledgers[samples].remove_stale(set(test["names"]) | set(copies))
 
     failed, replaced = len(train["failures"]) + len(test["failures"]), train["replaced"] + test["replaced"]
     for got, want, what in ((len(train["names"]), n_train, "training"), (len(test["names"]), n_test, "test")):
         if got < want:
-            print(f"warning: delivered only {got} of {want} {what} images: "
-                  f"the pool of captioned {cfg['SPLIT']} images ran out")
+            print(
+                f"warning: delivered only {got} of {want} {what} images: "
+                f"the pool of captioned {cfg['SPLIT']} images ran out"
+            )
     elapsed = time.perf_counter() - start
     print(
         f"delivered {len(train['names'])}/{n_train} training images to {out}/ and "
@@ -755,13 +816,19 @@ def main(argv=None):
         f"{train['present'] + test['present']} already there, {stale} stale removed) in {elapsed:.1f}s"
     )
     return {
-        "train": train["names"], "test": test["names"],
+        "train": train["names"],
+        "test": test["names"],
         "failures": train["failures"] + test["failures"],
-        "delivered": len(train["names"]), "test_delivered": len(test["names"]),
-        "replaced": replaced, "failed": failed,
-        "downloaded": train["downloaded"] + test["downloaded"], "present": train["present"] + test["present"],
-        "stale_removed": stale, "elapsed_s": elapsed,
-        "output_dir": str(out), "samples_dir": str(samples),
+        "delivered": len(train["names"]),
+        "test_delivered": len(test["names"]),
+        "replaced": replaced,
+        "failed": failed,
+        "downloaded": train["downloaded"] + test["downloaded"],
+        "present": train["present"] + test["present"],
+        "stale_removed": stale,
+        "elapsed_s": elapsed,
+        "output_dir": str(out),
+        "samples_dir": str(samples),
     }
 
 

@@ -49,7 +49,9 @@ class Family:
         self.processor = processor
         self.prompt = self.default_prompt if prompt in (None, "auto") else prompt
         if self.prompt and not self.takes_prompt:
-            raise UserError(f"PROMPT={prompt!r}: the {self.name} family captions without a prompt; use 'auto'")
+            raise UserError(
+                f"PROMPT={prompt!r}: the {self.name} family captions without a prompt; use 'auto'"
+            )
 
     def load_model(self, model_id: str, constant: str = "MODEL_ID", **kwargs):
         """Through the Auto class, on torch's fused attention (SDPA) where transformers has it."""
@@ -57,7 +59,9 @@ class Family:
 
         try:
             try:
-                return AutoModelForImageTextToText.from_pretrained(model_id, attn_implementation="sdpa", **kwargs)
+                return AutoModelForImageTextToText.from_pretrained(
+                    model_id, attn_implementation="sdpa", **kwargs
+                )
             except ValueError as e:  # "... does not support an attention implementation through SDPA yet"
                 if "attention implementation" not in str(e):
                     raise
@@ -74,7 +78,9 @@ class Family:
         per caption with 100k captions). Truncation keeps the tokenizer's end token."""
         ids = []
         for start in range(0, len(captions), 4096):
-            batch = self.processor.tokenizer(captions[start : start + 4096], truncation=True, max_length=max_tokens)
+            batch = self.processor.tokenizer(
+                captions[start : start + 4096], truncation=True, max_length=max_tokens
+            )
             ids += [np.asarray(x, dtype=np.int32) for x in batch.input_ids]
         return ids
 
@@ -97,7 +103,9 @@ class Family:
             "attention_mask": attention_mask,
             "labels": labels,
             "pixel_rows": torch.tensor(with_pixels, dtype=torch.long),
-            "pixel_values": torch.stack([examples[r]["pixel_values"] for r in with_pixels]) if with_pixels else None,
+            "pixel_values": torch.stack([examples[r]["pixel_values"] for r in with_pixels])
+            if with_pixels
+            else None,
         }
 
     def start_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -113,8 +121,11 @@ class Family:
         """(logits, targets) aligned position by position: logits[:, t] predicts targets[:, t], and
         targets are -100 wherever nothing is to be learnt. The default is a decoder that puts the
         image positions first (GIT): they are cut off, then the usual next-token shift."""
-        logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits
+        logits = model(
+            pixel_values=batch["pixel_values"],
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+        ).logits
         logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1] :]
         return logits[:, :-1], batch["labels"][:, 1:]
 
@@ -173,8 +184,9 @@ class PromptedDecoder(Family):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
         if answer is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        return self.processor.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=answer is None)
+        return self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=answer is None
+        )
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -191,7 +203,7 @@ class PromptedDecoder(Family):
         prompt, full = self.chat(), self.chat(self._SLOT)
         if not full.startswith(prompt) or full.count(self._SLOT) != 1:
             return " ", ""
-        lead, tail = full[len(prompt):].split(self._SLOT)
+        lead, tail = full[len(prompt) :].split(self._SLOT)
         return lead, tail
 
     @property
@@ -224,7 +236,7 @@ class PromptedDecoder(Family):
             chunk = captions[start : start + 4096]
             for caption, ids in zip(chunk, tok([anchor + lead + c for c in chunk]).input_ids, strict=True):
                 if ids[: len(anchor_ids)] == anchor_ids:
-                    ids = ids[len(anchor_ids):]
+                    ids = ids[len(anchor_ids) :]
                 else:  # the caption merged into the prompt's last token: tokenize it alone
                     ids = tok(lead + caption, add_special_tokens=False).input_ids
                 out.append(np.asarray([*ids[: max_tokens - 1], end], dtype=np.int32))
@@ -262,8 +274,13 @@ class PromptedDecoder(Family):
         vocabulary would be most of the memory), aligned with the caption tokens after it."""
         n_prompt = len(self.prompt_ids)
         keep = batch["input_ids"].shape[1] - n_prompt + 1
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       pixel_values=batch["pixel_values"], logits_to_keep=keep, use_cache=False).logits
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            logits_to_keep=keep,
+            use_cache=False,
+        ).logits
         return logits[:, :-1], batch["labels"][:, n_prompt:]
 
     def generate(self, model, pixel_values, **generate_kwargs) -> torch.Tensor:
@@ -279,10 +296,15 @@ class PromptedDecoder(Family):
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=device)
         attention_mask = torch.zeros_like(input_ids)
         for row, p in enumerate(prompts):
-            input_ids[row, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
-            attention_mask[row, width - len(p):] = 1
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, eos_token_id=self.end_id,
-                             pad_token_id=self.pad_id, **generate_kwargs)
+            input_ids[row, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+            attention_mask[row, width - len(p) :] = 1
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            eos_token_id=self.end_id,
+            pad_token_id=self.pad_id,
+            **generate_kwargs,
+        )
         return out[:, width:]
 
 
@@ -295,7 +317,11 @@ class Blip(Family):
     model_types = ("blip",)
     lora_targets = (  # the tutorial's: q/k/v of vision layers 6-9 and of text layers 5-6
         *[f"vision_model.encoder.layers.{i}.self_attn.qkv" for i in (6, 7, 8, 9)],
-        *[f"text_decoder.bert.encoder.layer.{i}.attention.self.{p}" for i in (5, 6) for p in ("query", "key", "value")],
+        *[
+            f"text_decoder.bert.encoder.layer.{i}.attention.self.{p}"
+            for i in (5, 6)
+            for p in ("query", "key", "value")
+        ],
     )
     vision_modules = ("vision_model",)
 
@@ -308,8 +334,12 @@ class Blip(Family):
     def caption_logits(self, model, batch: dict, image_embeds=None):
         if image_embeds is None:
             image_embeds = run_stages(self.vision_stages(model), batch["pixel_values"])
-        logits = model.text_decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    encoder_hidden_states=image_embeds, use_cache=False).logits
+        logits = model.text_decoder(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            encoder_hidden_states=image_embeds,
+            use_cache=False,
+        ).logits
         return logits[:, :-1], batch["labels"][:, 1:]
 
     def generate_from_embeds(self, model, image_embeds, **generate_kwargs) -> torch.Tensor:
@@ -319,9 +349,14 @@ class Blip(Family):
         n = image_embeds.shape[0]
         start = torch.full((n, 1), text.bos_token_id, dtype=torch.long, device=image_embeds.device)
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        return model.text_decoder.generate(input_ids=start, eos_token_id=text.sep_token_id,
-                                           pad_token_id=text.pad_token_id, encoder_hidden_states=image_embeds,
-                                           encoder_attention_mask=image_mask, **generate_kwargs)
+        return model.text_decoder.generate(
+            input_ids=start,
+            eos_token_id=text.sep_token_id,
+            pad_token_id=text.pad_token_id,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+            **generate_kwargs,
+        )
 
     def vision_stages(self, model) -> list:
         """Embeddings, each encoder layer, the final layer norm: in order, `vision_model(x)[0]`."""
@@ -346,7 +381,11 @@ class Git(Family):
 
     name = "git"
     model_types = ("git",)
-    lora_targets = ("query", "key", "value")  # the decoder's attention; the vision tower's are q_proj/k_proj/v_proj
+    lora_targets = (
+        "query",
+        "key",
+        "value",
+    )  # the decoder's attention; the vision tower's are q_proj/k_proj/v_proj
     vision_modules = ("git.image_encoder", "git.visual_projection")
 
 
@@ -406,8 +445,9 @@ class Blip2(Family):
         lead = " " if self.prompt and not self.encoder_decoder and not self.prompt.endswith(" ") else ""
         ids = []
         for start in range(0, len(captions), 4096):
-            batch = self.processor.tokenizer([lead + c for c in captions[start : start + 4096]],
-                                             add_special_tokens=False)
+            batch = self.processor.tokenizer(
+                [lead + c for c in captions[start : start + 4096]], add_special_tokens=False
+            )
             ids += [np.asarray([*x[: max_tokens - 1], self.eos], dtype=np.int32) for x in batch.input_ids]
         return ids
 
@@ -427,9 +467,13 @@ class Blip2(Family):
                 labels[row, : len(c)] = c
                 decoder_ids[row, : len(c)] = torch.cat([torch.tensor([start]), c[:-1]])
                 decoder_mask[row, : len(c)] = 1
-            batch = {"input_ids": prefix.repeat(n, 1), "attention_mask": torch.ones_like(prefix).repeat(n, 1),
-                     "decoder_input_ids": decoder_ids, "decoder_attention_mask": decoder_mask,
-                     "labels": labels}
+            batch = {
+                "input_ids": prefix.repeat(n, 1),
+                "attention_mask": torch.ones_like(prefix).repeat(n, 1),
+                "decoder_input_ids": decoder_ids,
+                "decoder_attention_mask": decoder_mask,
+                "labels": labels,
+            }
         else:
             width = len(prefix) + max(len(c) for c in captions)
             input_ids = torch.full((n, width), self.pad, dtype=torch.long)
@@ -446,8 +490,9 @@ class Blip2(Family):
             "index": torch.tensor([e["index"] for e in examples]),
             **batch,
             "pixel_rows": torch.tensor(with_pixels, dtype=torch.long),
-            "pixel_values": (torch.stack([examples[r]["pixel_values"] for r in with_pixels])
-                             if with_pixels else None),
+            "pixel_values": (
+                torch.stack([examples[r]["pixel_values"] for r in with_pixels]) if with_pixels else None
+            ),
         }
 
     # ---- the training forward
@@ -458,12 +503,18 @@ class Blip2(Family):
         decoder = ("decoder_input_ids", "decoder_attention_mask") if self.encoder_decoder else ()
         extra = {k: batch[k] for k in decoder}
         if image_embeds is None:
-            logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"], use_cache=False, **extra).logits
+            logits = model(
+                pixel_values=batch["pixel_values"],
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                use_cache=False,
+                **extra,
+            ).logits
         else:
             embeds = self._embed(model, batch["input_ids"], image_embeds)
-            logits = model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                          use_cache=False, **extra).logits
+            logits = model.language_model(
+                inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False, **extra
+            ).logits
         if self.encoder_decoder:
             return logits, batch["labels"]
         return logits[:, :-1], batch["labels"][:, 1:]
@@ -483,16 +534,22 @@ class Blip2(Family):
 
     def generate(self, model, pixel_values, **generate_kwargs) -> torch.Tensor:
         input_ids = self._prompt_ids(len(pixel_values), pixel_values.device)
-        ids = model.generate(pixel_values=pixel_values, input_ids=input_ids,
-                             attention_mask=torch.ones_like(input_ids), **generate_kwargs)
+        ids = model.generate(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            **generate_kwargs,
+        )
         return self._caption_only(ids, input_ids)
 
     def generate_from_embeds(self, model, image_embeds, **generate_kwargs) -> torch.Tensor:
         """BLIP-2's generate() minus its vision forward: the language model's generate() (batching,
         beams, KV cache) on the prompt's embeddings with the queries in place."""
         input_ids = self._prompt_ids(len(image_embeds), image_embeds.device)
-        inputs = {"inputs_embeds": self._embed(model, input_ids, image_embeds),
-                  "attention_mask": torch.ones_like(input_ids)}
+        inputs = {
+            "inputs_embeds": self._embed(model, input_ids, image_embeds),
+            "attention_mask": torch.ones_like(input_ids),
+        }
         if not self.encoder_decoder:
             inputs["input_ids"] = input_ids
         return self._caption_only(model.language_model.generate(**inputs, **generate_kwargs), input_ids)
@@ -527,8 +584,12 @@ class _Blip2Queries(torch.nn.Module):
     def forward(self, image_embeds):
         mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        out = self.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
-                           encoder_attention_mask=mask, return_dict=True).last_hidden_state
+        out = self.qformer(
+            query_embeds=queries,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=mask,
+            return_dict=True,
+        ).last_hidden_state
         return self.language_projection(out.to(image_embeds.dtype))
 
 
@@ -599,8 +660,9 @@ class Idefics3(PromptedDecoder):
 
     def pixel_values(self, images) -> torch.Tensor:
         """(images, 1 frame, 3, size, size): one list per image, else they are one sample's frames."""
-        return self.processor.image_processor([[im] for im in images], return_tensors="pt",
-                                              **self.image_kwargs).pixel_values
+        return self.processor.image_processor(
+            [[im] for im in images], return_tensors="pt", **self.image_kwargs
+        ).pixel_values
 
 
 # ----------------------------------------------------------------------------- PaliGemma, Florence-2, IDEFICS
@@ -645,8 +707,12 @@ def _caption_ids(tok, captions, max_tokens: int, start: tuple = ()) -> list[np.n
     where it would cut the next prompt short): it is switched off again here."""
     ids = []
     for i in range(0, len(captions), 4096):
-        batch = tok(captions[i : i + 4096], add_special_tokens=False, truncation=True,
-                    max_length=max_tokens - 1 - len(start))
+        batch = tok(
+            captions[i : i + 4096],
+            add_special_tokens=False,
+            truncation=True,
+            max_length=max_tokens - 1 - len(start),
+        )
         ids += [np.asarray([*start, *x, tok.eos_token_id], dtype=np.int32) for x in batch.input_ids]
     if getattr(tok, "backend_tokenizer", None) is not None:
         tok.backend_tokenizer.no_truncation()
@@ -694,8 +760,9 @@ class _PrefixDecoder(Family):
             "attention_mask": attention_mask,
             "labels": labels,
             "pixel_rows": torch.tensor(with_pixels, dtype=torch.long),
-            "pixel_values": (torch.stack([examples[r]["pixel_values"] for r in with_pixels])
-                             if with_pixels else None),
+            "pixel_values": (
+                torch.stack([examples[r]["pixel_values"] for r in with_pixels]) if with_pixels else None
+            ),
         }
 
     def model_inputs(self, batch: dict) -> dict:
@@ -705,9 +772,14 @@ class _PrefixDecoder(Family):
     def caption_logits(self, model, batch, image_embeds=None):
         n = len(self.prefix)
         width = batch["input_ids"].shape[1]
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       pixel_values=self.model_pixels(batch["pixel_values"]), use_cache=False,
-                       logits_to_keep=width - n + 1, **self.model_inputs(batch)).logits
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=self.model_pixels(batch["pixel_values"]),
+            use_cache=False,
+            logits_to_keep=width - n + 1,
+            **self.model_inputs(batch),
+        ).logits
         # logits[:, j] is at position n - 1 + j and predicts the token at n + j: the caption's j-th.
         return logits[:, :-1], batch["labels"][:, n:]
 
@@ -719,9 +791,15 @@ class _PrefixDecoder(Family):
         tok = self.processor.tokenizer
         input_ids = torch.tensor([self.prefix] * n, dtype=torch.long, device=pixel_values.device)
         batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": None}
-        out = model.generate(input_ids=input_ids, attention_mask=batch["attention_mask"],
-                             pixel_values=self.model_pixels(pixel_values), eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id, **self.model_inputs(batch), **generate_kwargs)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=batch["attention_mask"],
+            pixel_values=self.model_pixels(pixel_values),
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **self.model_inputs(batch),
+            **generate_kwargs,
+        )
         return out[:, input_ids.shape[1] :]  # the caption only: the prompt is cut off
 
 
@@ -772,11 +850,11 @@ class Idefics(_PrefixDecoder):
         return _lm_attention(self.config, "model.layers")
 
     def prefix_ids(self):
-        enc = self.processor(images=[_blank_image()], text=[self.prompt], truncation=False,
-                             return_tensors="pt")
+        enc = self.processor(
+            images=[_blank_image()], text=[self.prompt], truncation=False, return_tensors="pt"
+        )
         self._image_from = int(enc["image_attention_mask"][0, :, 0].argmax())  # the <image> token
         return [int(t) for t in enc["input_ids"][0]]
-
 
     def model_pixels(self, pixel_values):
         return pixel_values[:, None]  # one image per caption
@@ -801,8 +879,7 @@ class Florence2(Family):
 
     def __init__(self, config, processor, prompt=None):
         super().__init__(config, processor, prompt)
-        enc = processor(images=[_blank_image()], text=[self.prompt],
-                        truncation=False)
+        enc = processor(images=[_blank_image()], text=[self.prompt], truncation=False)
         self.prefix = [int(t) for t in enc["input_ids"][0]]
         text = config.get_text_config()
         self.start = [text.decoder_start_token_id, processor.tokenizer.bos_token_id]
@@ -810,10 +887,19 @@ class Florence2(Family):
     @property
     def lora_targets(self):
         text = self.config.get_text_config()
-        return (*(f"language_model.encoder.layers.{i}.self_attn.{p}" for i in range(text.encoder_layers)
-                  for p in ("q_proj", "k_proj", "v_proj", "out_proj")),
-                *(f"language_model.decoder.layers.{i}.{a}.{p}" for i in range(text.decoder_layers)
-                  for a in ("self_attn", "encoder_attn") for p in ("q_proj", "k_proj", "v_proj", "out_proj")))
+        return (
+            *(
+                f"language_model.encoder.layers.{i}.self_attn.{p}"
+                for i in range(text.encoder_layers)
+                for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+            ),
+            *(
+                f"language_model.decoder.layers.{i}.{a}.{p}"
+                for i in range(text.decoder_layers)
+                for a in ("self_attn", "encoder_attn")
+                for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+            ),
+        )
 
     def max_caption_tokens(self):
         return self.config.get_text_config().max_position_embeddings - 1
@@ -831,15 +917,21 @@ class Florence2(Family):
         batch["labels"][:, 0] = -100  # <s> comes with the start, as in generation
         ids = batch["input_ids"]
         batch["decoder_input_ids"] = torch.cat(
-            [torch.full_like(ids[:, :1], self.start[0]), ids[:, :-1]], dim=1)  # </s> <s> caption...
+            [torch.full_like(ids[:, :1], self.start[0]), ids[:, :-1]], dim=1
+        )  # </s> <s> caption...
         return batch
 
     def caption_logits(self, model, batch, image_embeds=None):
         n = batch["input_ids"].shape[0]
         prompt = torch.tensor([self.prefix] * n, dtype=torch.long, device=batch["input_ids"].device)
-        logits = model(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                       pixel_values=batch["pixel_values"], decoder_input_ids=batch["decoder_input_ids"],
-                       decoder_attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = model(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            pixel_values=batch["pixel_values"],
+            decoder_input_ids=batch["decoder_input_ids"],
+            decoder_attention_mask=batch["attention_mask"],
+            use_cache=False,
+        ).logits
         return logits, batch["labels"]
 
     def generate(self, model, pixel_values, **generate_kwargs):
@@ -847,9 +939,15 @@ class Florence2(Family):
         tok = self.processor.tokenizer
         prompt = torch.tensor([self.prefix] * n, dtype=torch.long, device=pixel_values.device)
         start = torch.tensor([self.start] * n, dtype=torch.long, device=pixel_values.device)
-        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                             pixel_values=pixel_values, decoder_input_ids=start,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **generate_kwargs)
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            pixel_values=pixel_values,
+            decoder_input_ids=start,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **generate_kwargs,
+        )
         return out[:, start.shape[1] :]
 
 
@@ -857,20 +955,24 @@ class Florence2(Family):
 FAMILIES = {cls.name: cls for cls in (Blip, Git, Blip2, Llava, Idefics3, PaliGemma, Florence2, Idefics)}
 
 # Families users ask for that transformers cannot train, and why; each gets its own one-line error.
-_QWEN = ("its processor needs torchvision's video processor, which does not install beside the CPU torch "
-         "this toolkit is tested on")
+_QWEN = (
+    "its processor needs torchvision's video processor, which does not install beside the CPU torch "
+    "this toolkit is tested on"
+)
 _NOT_SUPPORTED = {
     "ofa": "OFA is not in transformers (the port by its authors is inference-only), so it cannot be "
-           "fine-tuned here",
+    "fine-tuned here",
     "qwen2_vl": f"Qwen2-VL is not supported yet: {_QWEN}",
     "qwen2_5_vl": f"Qwen2.5-VL is not supported yet: {_QWEN}",
 }
 
 
 def offline_hint(model_id: str, constant: str) -> str:
-    return (f"could not load {model_id!r} from the Hugging Face Hub or a local folder. "
-            f"Check your connection, or download it once (huggingface-cli download {model_id}) "
-            f"and set --{constant}=/path/to/local/copy")
+    return (
+        f"could not load {model_id!r} from the Hugging Face Hub or a local folder. "
+        f"Check your connection, or download it once (huggingface-cli download {model_id}) "
+        f"and set --{constant}=/path/to/local/copy"
+    )
 
 
 def family_class(model_type: str) -> type[Family]:
@@ -883,7 +985,9 @@ def family_class(model_type: str) -> type[Family]:
     raise UserError(f"model type {model_type!r} is not supported: {why}. Supported model types: {supported}")
 
 
-def load(model_id: str, constant: str = "MODEL_ID", processor_from: str | None = None, prompt: str | None = None):
+def load(
+    model_id: str, constant: str = "MODEL_ID", processor_from: str | None = None, prompt: str | None = None
+):
     """The family entry for a model (from its config's model_type), with its processor loaded.
     `processor_from` names another folder to take the processor from (one saved beside an adapter)."""
     from transformers import AutoConfig, AutoProcessor, PretrainedConfig
@@ -942,15 +1046,24 @@ def _vision_sdpa_forward(self, hidden_states, **kwargs):
     if _attentions_requested(kwargs):
         return type(self).forward(self, hidden_states, **kwargs)
     bsz, tgt_len, embed_dim = hidden_states.size()
-    qkv = self.qkv(hidden_states).reshape(bsz, tgt_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    qkv = (
+        self.qkv(hidden_states).reshape(bsz, tgt_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    )
     dropout = self.dropout.p if self.training else 0.0
     context = _sdpa(qkv[0], qkv[1], qkv[2], None, dropout, scale=self.scale)
     context = context.transpose(1, 2).reshape(bsz, tgt_len, embed_dim)
     return self.projection(context), None
 
 
-def _text_sdpa_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
-                       encoder_attention_mask=None, cache=None, **kwargs):
+def _text_sdpa_forward(
+    self,
+    hidden_states,
+    attention_mask=None,
+    encoder_hidden_states=None,
+    encoder_attention_mask=None,
+    cache=None,
+    **kwargs,
+):
     """BlipTextSelfAttention.forward (decoder self- and cross-attention) on SDPA.
 
     The key/value cache handling is the eager method's, line for line; only the score/softmax/
@@ -958,8 +1071,15 @@ def _text_sdpa_forward(self, hidden_states, attention_mask=None, encoder_hidden_
     self-attention) by BlipTextModel, so they pass straight through as SDPA's attn_mask.
     """
     if _attentions_requested(kwargs) or "past_key_values" in kwargs:
-        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
-                                  encoder_attention_mask, cache, **kwargs)
+        return type(self).forward(
+            self,
+            hidden_states,
+            attention_mask,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            cache,
+            **kwargs,
+        )
     from transformers.cache_utils import EncoderDecoderCache
 
     input_shape = hidden_states.shape[:-1]

@@ -35,10 +35,10 @@ import families
 from common import UserError
 
 # ---- model
-ADAPTER_DIR = "blip_coco_finetuned"  # train_blip.py's OUTPUT_DIR: a peft adapter, or a full model (USE_LORA=False)
+ADAPTER_DIR = "blip_coco_finetuned"  # train_blip.py's OUTPUT_DIR: a peft adapter, or a full model
 BASE_MODEL_ID = None  # None: read base_model_name_or_path from adapter_config.json | hub id | local folder
 DEVICE = "auto"  # "auto" (cuda if available, else cpu) | "cpu" | "cuda" | "cuda:1"
-PRECISION = "auto"  # "auto" (bf16 where the hardware has it, else fp32) | "fp32" | "bf16" | "fp16" (CUDA only)
+PRECISION = "auto"  # "auto" (bf16 where the hardware runs it fast, else fp32) | "fp32" | "bf16" | "fp16"
 
 PROMPT = "auto"  # auto: the prompt the adapter was trained with (its training_config.json), else the family's
 
@@ -87,7 +87,8 @@ def find_images(spec) -> list[Path]:
     path = Path(os.path.expanduser(str(spec)))
     if path.is_dir():
         files = sorted(
-            f for f in path.iterdir()
+            f
+            for f in path.iterdir()
             if f.suffix.lower() in _IMAGE_SUFFIXES and not f.name.startswith(".") and not f.is_dir()
         )
     elif path.is_file():
@@ -130,7 +131,9 @@ def load_references(path) -> dict[str, list[str]]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"REFERENCES={str(path)!r} does not exist; set --REFERENCES=None to skip metrics") from None
+        raise UserError(
+            f"REFERENCES={str(path)!r} does not exist; set --REFERENCES=None to skip metrics"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"REFERENCES={str(path)!r} is not a readable JSON file ({e})") from None
     if not isinstance(data, dict):
@@ -178,13 +181,17 @@ def read_model_dir(adapter_dir) -> dict:
         try:
             config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{folder / 'adapter_config.json'} is unreadable ({e}); rerun train_blip.py") from None
+            raise UserError(
+                f"{folder / 'adapter_config.json'} is unreadable ({e}); rerun train_blip.py"
+            ) from None
         problem = adapter_config_problem(config)
         if problem:
             raise UserError(f"{folder / 'adapter_config.json'} is invalid ({problem}); rerun train_blip.py")
         if not any((folder / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
-            raise UserError(f"{folder} has adapter_config.json but no adapter_model.safetensors: "
-                            f"let train_blip.py finish, or rerun it")
+            raise UserError(
+                f"{folder} has adapter_config.json but no adapter_model.safetensors: "
+                f"let train_blip.py finish, or rerun it"
+            )
         base, targets = config.get("base_model_name_or_path"), config.get("target_modules")
         return {"kind": "adapter", "base": base, "targets": targets}
     if (folder / "config.json").is_file():
@@ -198,6 +205,7 @@ def read_model_dir(adapter_dir) -> dict:
 def adapter_config_problem(config) -> str | None:
     """What is wrong with an adapter_config.json's values, or None. peft itself would only fail
     later, deep inside, with a TypeError such as "'<=' not supported between 'str' and 'int'"."""
+
     def number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -207,8 +215,9 @@ def adapter_config_problem(config) -> str | None:
         "r": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
         "lora_alpha": number,
         "lora_dropout": lambda v: number(v) and 0 <= v < 1,
-        "target_modules": lambda v: v is None or isinstance(v, str) or (
-            isinstance(v, list) and all(isinstance(t, str) for t in v)),
+        "target_modules": lambda v: (
+            v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) for t in v))
+        ),
         "base_model_name_or_path": lambda v: v is None or isinstance(v, str),
         "peft_type": lambda v: isinstance(v, str),
     }
@@ -264,7 +273,9 @@ def trained_prompt(adapter_dir, prompt: str = "auto") -> str | None:
     if prompt != "auto":
         return prompt
     try:
-        return json.loads((Path(adapter_dir) / "training_config.json").read_text(encoding="utf-8")).get("PROMPT")
+        return json.loads((Path(adapter_dir) / "training_config.json").read_text(encoding="utf-8")).get(
+            "PROMPT"
+        )
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -284,31 +295,41 @@ def load_captioner(adapter_dir, base_model_id=None, sdpa: bool = True, prompt: s
         if not base_id:
             raise UserError(f"{adapter_dir}/adapter_config.json names no base model; set --BASE_MODEL_ID")
         why = f"the adapter in {adapter_dir} was trained on"
-        has_processor = any((Path(adapter_dir) / f).is_file()
-                            for f in ("processor_config.json", "preprocessor_config.json"))
-        family = load_family(base_id, why, str(adapter_dir) if has_processor else None,
-                             trained_prompt(adapter_dir, prompt))
+        has_processor = any(
+            (Path(adapter_dir) / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")
+        )
+        family = load_family(
+            base_id, why, str(adapter_dir) if has_processor else None, trained_prompt(adapter_dir, prompt)
+        )
         base = load_base(family, base_id, why)
         from peft import PeftModel
         from safetensors import SafetensorError
 
         # Suggest BASE_MODEL_ID only when it points away from the base the adapter names.
-        hint = ("set --BASE_MODEL_ID to the model it was trained on" if not same_model(base_id, info["base"])
-                else "rerun train_blip.py")
+        hint = (
+            "set --BASE_MODEL_ID to the model it was trained on"
+            if not same_model(base_id, info["base"])
+            else "rerun train_blip.py"
+        )
         try:
             model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
         except SafetensorError as e:
-            raise UserError(f"{Path(adapter_dir) / 'adapter_model.safetensors'} is damaged ({e}); "
-                            f"rerun train_blip.py") from None
+            raise UserError(
+                f"{Path(adapter_dir) / 'adapter_model.safetensors'} is damaged ({e}); rerun train_blip.py"
+            ) from None
         except (ValueError, RuntimeError, KeyError, TypeError) as e:
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             missing = missing_target(base, info.get("targets"))
             if missing:
-                raise UserError(f"the adapter in {adapter_dir} targets modules that are not in the base "
-                                f"{base_id!r} (e.g. {missing!r}); {hint}") from None
+                raise UserError(
+                    f"the adapter in {adapter_dir} targets modules that are not in the base "
+                    f"{base_id!r} (e.g. {missing!r}); {hint}"
+                ) from None
             if isinstance(e, (TypeError, KeyError)):  # a value peft cannot use, e.g. an unknown peft_type
-                raise UserError(f"{Path(adapter_dir) / 'adapter_config.json'} is invalid ({first_line}); "
-                                f"rerun train_blip.py") from None
+                raise UserError(
+                    f"{Path(adapter_dir) / 'adapter_config.json'} is invalid ({first_line}); "
+                    f"rerun train_blip.py"
+                ) from None
             raise UserError(
                 f"the adapter in {adapter_dir} does not fit the base {base_id!r} ({first_line}); {hint}"
             ) from None
@@ -371,6 +392,7 @@ def generate_ids(model, family, pixel_values, compare_base: bool = False, **gene
     stages = family.vision_stages(base)
     with torch.inference_mode():
         if stages is None:
+
             def caption():
                 return family.generate(base, pixel_values, **generate_kwargs)
         else:
@@ -380,6 +402,7 @@ def generate_ids(model, family, pixel_values, compare_base: bool = False, **gene
             def caption():
                 image_embeds = families.run_stages(stages[share:], prefix)
                 return family.generate_from_embeds(base, image_embeds, **generate_kwargs)
+
         tuned = caption()
         base_ids = None
         if compare_base:
@@ -396,7 +419,9 @@ def caption_batch(model, family, images, compare_base=False, **generate_kwargs):
     return tuple(None if i is None else family.decode(i) for i in ids)
 
 
-def caption_images(model, family, images, batch_size=BATCH_SIZE, precision=None, **generate_kwargs) -> list[str]:
+def caption_images(
+    model, family, images, batch_size=BATCH_SIZE, precision=None, **generate_kwargs
+) -> list[str]:
     """Caption PIL images in batches with the model as it is (adapter on, for a peft model).
 
     precision=None keeps the model's dtype; "auto"/"fp32"/"bf16"/"fp16" casts it first (in place,
@@ -425,8 +450,12 @@ def caption_images_with_base(model, family, images, batch_size=BATCH_SIZE, preci
 def generate_settings(cfg: dict) -> dict:
     """The decoding constants as generate() keywords (sampling knobs only when sampling). Lengths
     count the caption's tokens and its start token, never a family's prompt: as new tokens."""
-    kwargs = dict(num_beams=cfg["NUM_BEAMS"], max_new_tokens=cfg["MAX_LENGTH"] - 1,
-                  min_new_tokens=max(cfg["MIN_LENGTH"] - 1, 0), do_sample=cfg["DO_SAMPLE"])
+    kwargs = dict(
+        num_beams=cfg["NUM_BEAMS"],
+        max_new_tokens=cfg["MAX_LENGTH"] - 1,
+        min_new_tokens=max(cfg["MIN_LENGTH"] - 1, 0),
+        do_sample=cfg["DO_SAMPLE"],
+    )
     if cfg["DO_SAMPLE"]:
         kwargs.update(temperature=cfg["TEMPERATURE"], top_p=cfg["TOP_P"])
     return kwargs
@@ -463,7 +492,9 @@ def tokenize_all(captions: dict[str, list[str]], use_java: bool, log=print) -> t
     return {k: [plain_tokenize(c) for c in v] for k, v in captions.items()}, False
 
 
-def score_caption_sets(candidates: dict[str, dict], references: dict, use_java: bool | None = None, log=print) -> dict:
+def score_caption_sets(
+    candidates: dict[str, dict], references: dict, use_java: bool | None = None, log=print
+) -> dict:
     """COCO caption metrics for several candidate sets against one set of references.
 
     candidates: {set_name: {key: caption}}; references: {key: [captions]} (keys must match).
@@ -546,7 +577,12 @@ def before_after_table(metrics: dict | None, style: dict) -> list[dict]:
     for m in _METRIC_ROWS if metrics else ():
         rows.append({"metric": m, **{c: metrics.get(c, {}).get(m) for c in ("base", "fine_tuned")}})
     for key, label in _STYLE_ROWS.items():
-        rows.append({"metric": f"style {label}", **{c: style[c][key] if c in style else None for c in ("base", "fine_tuned")}})
+        rows.append(
+            {
+                "metric": f"style {label}",
+                **{c: style[c][key] if c in style else None for c in ("base", "fine_tuned")},
+            }
+        )
     return rows
 
 
@@ -568,7 +604,9 @@ def has_display() -> bool:
     """Whether a window can open: macOS/Windows always; Linux needs X11 or Wayland."""
     if os.environ.get("MPLBACKEND", "").lower() in ("agg", "pdf", "svg", "ps", "cairo", "template"):
         return False
-    return sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return sys.platform in ("darwin", "win32") or bool(
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    )
 
 
 def draw_figure(images, names, tuned, base=None, show=False):
@@ -643,8 +681,9 @@ def check_merge_target(out_dir, adapter_dir=None, base_id=None, keep=()) -> Path
     if where == Path.cwd().resolve() or where == Path(where.anchor):
         raise UserError(f"MERGE_TO={str(out_dir)!r} is the current or root folder; name a new folder")
     owners = ((adapter_dir, "ADAPTER_DIR"), (base_id, "the base model's folder"))
-    guarded = [(folder, what) for folder, what in owners
-               if folder and Path(os.path.expanduser(str(folder))).exists()]  # a hub id is no folder of ours
+    guarded = [
+        (folder, what) for folder, what in owners if folder and Path(os.path.expanduser(str(folder))).exists()
+    ]  # a hub id is no folder of ours
     for other, what in guarded + list(keep):  # keep: (path, constant) of outputs written before the export
         if _overlaps(where, Path(os.path.expanduser(str(other))).resolve()):
             raise UserError(f"MERGE_TO={str(out_dir)!r} overlaps {what} ({other}); name a separate folder")
@@ -655,12 +694,16 @@ def check_merge_target(out_dir, adapter_dir=None, base_id=None, keep=()) -> Path
         try:
             written = set(json.loads(marker.read_text(encoding="utf-8"))["files"])
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-            raise UserError(f"MERGE_TO={str(out_dir)!r} exists and is not a model folder exported by "
-                            f"inference.py (no {_MERGE_MARKER}); choose a new or empty folder") from None
+            raise UserError(
+                f"MERGE_TO={str(out_dir)!r} exists and is not a model folder exported by "
+                f"inference.py (no {_MERGE_MARKER}); choose a new or empty folder"
+            ) from None
         extra = sorted(p.name for p in out.iterdir() if p.name not in written | {_MERGE_MARKER})
         if extra:
-            raise UserError(f"MERGE_TO={str(out_dir)!r} holds {extra[0]!r}, which inference.py did not "
-                            f"write; move it or choose another folder")
+            raise UserError(
+                f"MERGE_TO={str(out_dir)!r} holds {extra[0]!r}, which inference.py did not "
+                f"write; move it or choose another folder"
+            )
     return out
 
 
@@ -679,8 +722,12 @@ def export_merged(adapter_dir, base_model_id, out_dir, keep=()) -> Path:
     try:
         merged.save_pretrained(tmp)
         family.processor.save_pretrained(tmp)
-        marker = {"written_by": "inference.py", "adapter_dir": str(Path(adapter_dir).resolve()),
-                  "base_model": str(info["base"]), "files": sorted(p.name for p in tmp.iterdir())}
+        marker = {
+            "written_by": "inference.py",
+            "adapter_dir": str(Path(adapter_dir).resolve()),
+            "base_model": str(info["base"]),
+            "files": sorted(p.name for p in tmp.iterdir()),
+        }
         common.atomic_write_json(tmp / _MERGE_MARKER, marker)
         common.replace_dir(tmp, out)  # the checked earlier export (if any) is replaced
     except BaseException:
@@ -715,7 +762,9 @@ def main(argv=None):
         check_merge_target(cfg["MERGE_TO"], cfg["ADAPTER_DIR"], base_id, keep)
         common.check_writable(Path(cfg["MERGE_TO"]).resolve().parent, "MERGE_TO")
         if kind != "adapter":
-            raise UserError(f"MERGE_TO needs a LoRA adapter, but {cfg['ADAPTER_DIR']} already holds a full model")
+            raise UserError(
+                f"MERGE_TO needs a LoRA adapter, but {cfg['ADAPTER_DIR']} already holds a full model"
+            )
     device = pick_device(cfg["DEVICE"])
 
     from tqdm import tqdm
@@ -727,12 +776,18 @@ def main(argv=None):
         if info["base"]:  # a full fine-tune has no adapter to switch off: the base is a second model
             base_model = load_base(family, info["base"], "BASE_MODEL_ID names").eval()
         else:
-            print(f"note: {cfg['ADAPTER_DIR']} holds a full model (USE_LORA=False): set --BASE_MODEL_ID to compare with a base; base captions skipped")
+            print(
+                f"note: {cfg['ADAPTER_DIR']} holds a full model (USE_LORA=False): "
+                "set --BASE_MODEL_ID to compare with a base; base captions skipped"
+            )
             compare = False
     dtype = set_precision(model, cfg["PRECISION"], device)
     if base_model is not None:
         set_precision(base_model, cfg["PRECISION"], device)
-    print(f"model: {info['kind']} from {cfg['ADAPTER_DIR']}, base {info['base']!r}, {device}, {str(dtype).removeprefix('torch.')}")
+    print(
+        f"model: {family.name} {info['kind']} from {cfg['ADAPTER_DIR']}, base {info['base']!r}, "
+        f"{device}, {str(dtype).removeprefix('torch.')}"
+    )
 
     generate_kwargs = generate_settings(cfg)
     if cfg["DO_SAMPLE"]:
@@ -754,7 +809,10 @@ def main(argv=None):
             if path.name in references:
                 entry["references"] = references[path.name]
             results.append(entry)
-            tqdm.write(f"{path.name}  fine-tuned: {tuned[i]!r}" + (f"  base: {base[i]!r}" if base is not None else ""))
+            tqdm.write(
+                f"{path.name}  fine-tuned: {tuned[i]!r}"
+                + (f"  base: {base[i]!r}" if base is not None else "")
+            )
             if len(thumbs) < cfg["FIGURE_MAX_IMAGES"]:
                 image.thumbnail((640, 640))  # the figure never needs more; frees the full image
                 thumbs.append(image)
@@ -762,8 +820,14 @@ def main(argv=None):
     bar.close()
     seconds = time.perf_counter() - start
     if not results:
-        raise UserError(f"none of the {len(paths)} file(s) in IMAGES={cfg['IMAGES']!r} could be read as an image (see the lines above)")
-    print(f"captioned {len(results)} image(s) in {seconds:.1f} s ({len(results) / seconds:.2f} images/s); skipped {len(skipped)}")
+        raise UserError(
+            f"none of the {len(paths)} file(s) in IMAGES={cfg['IMAGES']!r} could be read as an image "
+            "(see the lines above)"
+        )
+    print(
+        f"captioned {len(results)} image(s) in {seconds:.1f} s ({len(results) / seconds:.2f} images/s); "
+        f"skipped {len(skipped)}"
+    )
 
     # ---- scores: style adoption always, COCO metrics where references exist
     once = distinct_images(results)  # samples/test_image.jpg copies a held-out image: score it once
@@ -794,12 +858,24 @@ def main(argv=None):
     fig_names = [r["file"] for r in results[: len(thumbs)]]
     if len(thumbs) < len(results):
         print(f"the figure shows the first {len(thumbs)} of {len(results)} images (FIGURE_MAX_IMAGES)")
-    fig = draw_figure(thumbs, fig_names, columns["fine_tuned"], columns.get("base"), show=show != "never" and (show == "always" or has_display()))
+    fig = draw_figure(
+        thumbs,
+        fig_names,
+        columns["fine_tuned"],
+        columns.get("base"),
+        show=show != "never" and (show == "always" or has_display()),
+    )
     save_figure(fig, cfg["FIGURE_PATH"])
     out = {
         "config": cfg,
-        "model": {**info, "adapter_dir": str(cfg["ADAPTER_DIR"]), "device": device,
-                  "dtype": str(dtype).removeprefix("torch."), "family": family.name, "prompt": family.prompt},
+        "model": {
+            **info,
+            "adapter_dir": str(cfg["ADAPTER_DIR"]),
+            "device": device,
+            "dtype": str(dtype).removeprefix("torch."),
+            "family": family.name,
+            "prompt": family.prompt,
+        },
         "generate": generate_kwargs,
         "images": results,
         "skipped": skipped,
@@ -819,11 +895,13 @@ def main(argv=None):
         try:
             merged = export_merged(cfg["ADAPTER_DIR"], cfg["BASE_MODEL_ID"], cfg["MERGE_TO"], keep)
         except OSError as e:  # e.g. a full disk
-            raise UserError(f"could not save the merged model to MERGE_TO={str(cfg['MERGE_TO'])!r} "
-                            f"({e.strerror or e}); the captions are saved in {cfg['RESULTS_PATH']}") from None
+            raise UserError(
+                f"could not save the merged model to MERGE_TO={str(cfg['MERGE_TO'])!r} "
+                f"({e.strerror or e}); the captions are saved in {cfg['RESULTS_PATH']}"
+            ) from None
         out["merged_to"] = str(merged)
         common.atomic_write_json(cfg["RESULTS_PATH"], out)
-        print(f"merged model saved to {out['merged_to']} (load it with BlipForConditionalGeneration.from_pretrained)")
+        print(f"merged model saved to {out['merged_to']} (a plain model: load it with from_pretrained)")
     if fig.canvas.manager is not None:  # a pyplot figure: SHOW asked for a window
         show_figure(fig)
     return out

@@ -61,7 +61,7 @@ DATA_DIR = "coco_sample"  # folder with captions.json ({file_name: caption}) and
 OUTPUT_DIR = "blip_coco_finetuned"  # adapter, processor, logs, plots and checkpoints go here
 VAL_FRACTION = 0.1  # share of images held out for validation (seeded); 0 = none
 MAX_CAPTION_TOKENS = 64  # longer captions are cut; the cut caption keeps its end token
-PROMPT = "auto"  # auto: the family's own (none for BLIP and GIT) | a text before each caption (saved for inference)
+PROMPT = "auto"  # auto: the family's own (none for BLIP and GIT) | any text before each caption
 AUGMENT = False  # True: a random 80-100% crop of each image every epoch (turns the prefix cache off)
 
 # ---- LoRA
@@ -69,7 +69,7 @@ USE_LORA = True  # False: full fine-tune of every parameter (saves a whole model
 LORA_R = 16  # rank of the LoRA update
 LORA_ALPHA = 32  # LoRA scaling numerator (scale = alpha / r)
 LORA_DROPOUT = 0.05  # dropout on the LoRA branch input
-LORA_TARGET_MODULES = "auto"  # auto: the family's default (BLIP: the tutorial's) | a list of module names | "all-linear"
+LORA_TARGET_MODULES = "auto"  # auto: the family's default (BLIP: the tutorial's) | names | "all-linear"
 FREEZE_VISION = False  # True: freeze the whole vision encoder and drop vision LoRA targets
 
 # ---- optimisation (defaults = the tutorial: AdamW, lr 3e-5, effective batch 4, 60 epochs, constant lr)
@@ -106,7 +106,7 @@ _NONE_OK = ("RESUME", "MAX_GRAD_NORM")
 # Settings that must match for a checkpoint to be continued (others, like EPOCHS, may change).
 _RESUME_MUST_MATCH = ("MODEL_ID", "DATA_DIR", "USE_LORA", "LORA_R", "LORA_ALPHA", "LORA_DROPOUT",
                       "FREEZE_VISION", "BATCH_SIZE", "GRAD_ACCUM", "SEED", "VAL_FRACTION",
-                      "MAX_CAPTION_TOKENS", "AUGMENT", "PROMPT")
+                      "MAX_CAPTION_TOKENS", "AUGMENT", "PROMPT")  # fmt: skip
 # The file that marks OUTPUT_DIR as this script's: written first, so a folder without it is not ours.
 _MARKER = "training_config.json"
 # In OUTPUT_DIR (never DATA_DIR): the images that passed the start-up check, with their size and mtime.
@@ -132,10 +132,14 @@ def claim_output_dir(out_dir: Path, model_id: str, data_dir: str) -> None:
     model's or the data's folder: a run must not clobber anything it did not write."""
     for other, name in ((model_id, "MODEL_ID"), (data_dir, "DATA_DIR")):
         if Path(other).exists() and overlaps(out_dir, Path(other)):
-            raise UserError(f"OUTPUT_DIR={str(out_dir)!r} overlaps {name}={other!r}; choose another OUTPUT_DIR")
+            raise UserError(
+                f"OUTPUT_DIR={str(out_dir)!r} overlaps {name}={other!r}; choose another OUTPUT_DIR"
+            )
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / _MARKER).is_file():
-        raise UserError(f"OUTPUT_DIR={str(out_dir)!r} holds files that train_blip.py did not write "
-                        f"(no {_MARKER}); choose an empty or new folder")
+        raise UserError(
+            f"OUTPUT_DIR={str(out_dir)!r} holds files that train_blip.py did not write "
+            f"(no {_MARKER}); choose an empty or new folder"
+        )
 
 
 def overlaps(a: Path, b: Path) -> bool:
@@ -180,24 +184,30 @@ def load_dataset(data_dir, rank: int, world: int, log=print, check_file: Path | 
     are not checked again; the main process writes the new list there."""
     captions = read_captions(data_dir)
     known = read_check_file(check_file, data_dir)
-    items, skipped, passed = check_images(data_dir, {n: captions[n] for n in sorted(captions)[rank::world]},
-                                          progress=rank == 0, known=known)
+    items, skipped, passed = check_images(
+        data_dir, {n: captions[n] for n in sorted(captions)[rank::world]}, progress=rank == 0, known=known
+    )
     if world > 1:
         items = sorted(gather_object(items))
         skipped = sorted(gather_object(skipped))
         passed = dict(gather_object(sorted(passed.items())))
     reused = sum(known.get(n) == fp for n, fp in passed.items())
-    log(f"images: {len(items):,} of {len(captions):,} usable; {len(captions) - reused:,} checked now, "
-        f"{reused:,} known from an earlier run's check")
+    log(
+        f"images: {len(items):,} of {len(captions):,} usable; {len(captions) - reused:,} checked now, "
+        f"{reused:,} known from an earlier run's check"
+    )
     if rank == 0 and check_file is not None and passed != known:
         with contextlib.suppress(OSError):  # only a speed-up for the next run: never a reason to stop
-            common.atomic_write_bytes(check_file, json.dumps({"data_dir": str(Path(data_dir).resolve()),
-                                                              "passed": passed}).encode())
+            common.atomic_write_bytes(
+                check_file, json.dumps({"data_dir": str(Path(data_dir).resolve()), "passed": passed}).encode()
+            )
     if skipped:
         log(skipped_warning(skipped, len(captions)))
     if not items:
-        raise UserError(f"no usable images in {data_dir} ({len(captions)} captions, all skipped): "
-                        "run `python download_coco.py` or fix DATA_DIR")
+        raise UserError(
+            f"no usable images in {data_dir} ({len(captions)} captions, all skipped): "
+            "run `python download_coco.py` or fix DATA_DIR"
+        )
     return items, skipped
 
 
@@ -227,7 +237,9 @@ def read_captions(data_dir) -> dict[str, str]:
     except RecursionError:
         raise UserError(f"{path}: nested too deeply to be a {{file_name: caption}} mapping") from None
     if not isinstance(captions, dict):
-        raise UserError(f"{path}: expected a mapping {{file_name: caption}}, got a JSON {type(captions).__name__}")
+        raise UserError(
+            f"{path}: expected a mapping {{file_name: caption}}, got a JSON {type(captions).__name__}"
+        )
     for name, caption in captions.items():
         if not isinstance(caption, str):
             raise UserError(f"{path}: the caption of {name!r} is a {type(caption).__name__}, not a string")
@@ -238,7 +250,9 @@ def read_captions(data_dir) -> dict[str, str]:
 
 def is_plain_name(name: str) -> bool:
     """A file name with no folder part: what download_coco.py writes (000000xxxxxx.jpg)."""
-    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+    return (
+        bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+    )
 
 
 def check_images(data_dir, captions: dict[str, str], threads: int = 4, progress: bool = False, known=None):
@@ -487,7 +501,10 @@ def epoch_steps(columns, epoch: int, seed: int, rank: int, batch_size: int, grad
     mine = cols[rank * per_rank : (rank + 1) * per_rank]
     steps = []
     for k in range(max(len(c) for c in cols)):
-        micro = [[c[k] for c in mine[j * batch_size : (j + 1) * batch_size] if k < len(c)] for j in range(grad_accum)]
+        micro = [
+            [c[k] for c in mine[j * batch_size : (j + 1) * batch_size] if k < len(c)]
+            for j in range(grad_accum)
+        ]
         steps.append((sum(k < len(c) for c in cols), sorted(micro, key=len)))
     return steps
 
@@ -515,16 +532,22 @@ class PrefixCache:
             os.ftruncate(self.fd, len(self.slot) * self.item_bytes)
 
     @staticmethod
-    def plan(n_items: int, item_bytes: int, max_mb: float, requested: str, spill_dir: Path) -> tuple[str, str]:
+    def plan(
+        n_items: int, item_bytes: int, max_mb: float, requested: str, spill_dir: Path
+    ) -> tuple[str, str]:
         """Choose 'ram' | 'disk' | 'off' and say why, in one line."""
         need_mb = n_items * item_bytes / 2**20
         if requested == "disk" or need_mb > max_mb:
             free_mb = shutil.disk_usage(spill_dir).free / 2**20
             if free_mb > 2 * need_mb + 1024:
-                why = "PREFIX_CACHE='disk'" if requested == "disk" else f"above PREFIX_CACHE_MAX_MB={max_mb:g}"
+                why = (
+                    "PREFIX_CACHE='disk'" if requested == "disk" else f"above PREFIX_CACHE_MAX_MB={max_mb:g}"
+                )
                 return "disk", f"prefix cache: {need_mb:.0f} MB on disk in {spill_dir} ({why})"
-            return "off", (f"prefix cache: off ({need_mb:.0f} MB is above PREFIX_CACHE_MAX_MB={max_mb:g} "
-                           f"and only {free_mb:.0f} MB of disk is free)")
+            return "off", (
+                f"prefix cache: off ({need_mb:.0f} MB is above PREFIX_CACHE_MAX_MB={max_mb:g} "
+                f"and only {free_mb:.0f} MB of disk is free)"
+            )
         return "ram", f"prefix cache: {need_mb:.0f} MB in RAM (bound PREFIX_CACHE_MAX_MB={max_mb:g})"
 
     def has(self, i: int) -> bool:
@@ -536,14 +559,21 @@ class PrefixCache:
             if self.mode == "ram":
                 self.store[self.slot[i]] = v
             else:  # raw bytes; viewing as int16/int32 lets numpy carry bf16 too
-                os.pwrite(self.fd, v.view(_int_view(self.dtype)).numpy().tobytes(), self.slot[i] * self.item_bytes)
+                os.pwrite(
+                    self.fd, v.view(_int_view(self.dtype)).numpy().tobytes(), self.slot[i] * self.item_bytes
+                )
             self.filled.add(i)
 
     def get(self, indices):
         if self.mode == "ram":
             return self.store[torch.tensor([self.slot[i] for i in indices])]
-        rows = [torch.frombuffer(bytearray(os.pread(self.fd, self.item_bytes, self.slot[i] * self.item_bytes)),
-                                 dtype=self.dtype).view(self.shape) for i in indices]
+        rows = [
+            torch.frombuffer(
+                bytearray(os.pread(self.fd, self.item_bytes, self.slot[i] * self.item_bytes)),
+                dtype=self.dtype,
+            ).view(self.shape)
+            for i in indices
+        ]
         return torch.stack(rows)
 
     def close(self):
@@ -556,8 +586,9 @@ def _int_view(dtype):
     return {2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.empty((), dtype=dtype).element_size()]
 
 
-def plan_prefix_cache(cfg, family, base, prefix_stages: int, why_not: str, precision: str, indices,
-                      spill_path: Path):
+def plan_prefix_cache(
+    cfg, family, base, prefix_stages: int, why_not: str, precision: str, indices, spill_path: Path
+):
     """The prefix cache for these dataset indices (this process's train and validation images), or
     None; plus its mode and the one line that says what it holds, where, or why it is off."""
     if cfg["PREFIX_CACHE"] == "off":
@@ -570,15 +601,26 @@ def plan_prefix_cache(cfg, family, base, prefix_stages: int, why_not: str, preci
     dtype = common.torch_dtype(precision)
     shape = family.prefix_shape(base, prefix_stages)
     item_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    mode, line = PrefixCache.plan(len(indices), item_bytes, cfg["PREFIX_CACHE_MAX_MB"], cfg["PREFIX_CACHE"],
-                                  spill_path.parent)
+    mode, line = PrefixCache.plan(
+        len(indices), item_bytes, cfg["PREFIX_CACHE_MAX_MB"], cfg["PREFIX_CACHE"], spill_path.parent
+    )
     if mode == "off":
         return None, mode, line
     k = prefix_stages
-    what = ("the whole vision output" if k == len(stages) else
-            f"embeddings + vision layers 0-{k - 2}" if k > 1 else "the vision embeddings" if k == 1
-            else f"the preprocessed images only ({why_not})")
-    return PrefixCache(indices, shape, dtype, mode, spill_path), mode, f"{line}; caches {what} of {len(indices)} images"
+    what = (
+        "the whole vision output"
+        if k == len(stages)
+        else f"embeddings + vision layers 0-{k - 2}"
+        if k > 1
+        else "the vision embeddings"
+        if k == 1
+        else f"the preprocessed images only ({why_not})"
+    )
+    return (
+        PrefixCache(indices, shape, dtype, mode, spill_path),
+        mode,
+        f"{line}; caches {what} of {len(indices)} images",
+    )
 
 
 # ----------------------------------------------------------------------------- model
@@ -588,8 +630,10 @@ def build_model(cfg, run):
     family = families.load(cfg["MODEL_ID"], prompt=cfg["PROMPT"])
     model = family.load_model(cfg["MODEL_ID"])
     n_params = sum(p.numel() for p in model.parameters())
-    run.log(f"model: {family.name}, {n_params / 1e6:.1f}M parameters, "
-            f"{n_params * model.dtype.itemsize / 2**30:.2f} GB of weights as loaded ({str(model.dtype)[6:]})")
+    run.log(
+        f"model: {family.name}, {n_params / 1e6:.1f}M parameters, "
+        f"{n_params * model.dtype.itemsize / 2**30:.2f} GB of weights as loaded ({str(model.dtype)[6:]})"
+    )
     if cfg["FREEZE_VISION"]:
         for name in family.vision_modules:
             try:
@@ -629,12 +673,16 @@ def resolve_targets(model, family, targets, freeze_vision: bool):
     for t in targets:
         if not any(n == t or n.endswith("." + t) for n in names):
             near = difflib.get_close_matches(t, names, n=3, cutoff=0.3)
-            raise UserError(f"LORA_TARGET_MODULES: {t!r} matches no module of the model; "
-                            f"nearest real names: {', '.join(near) or '(none)'}")
+            raise UserError(
+                f"LORA_TARGET_MODULES: {t!r} matches no module of the model; "
+                f"nearest real names: {', '.join(near) or '(none)'}"
+            )
     dropped = [t for t in targets if freeze_vision and any(t == v or t.startswith(v + ".") for v in vision)]
     kept = [t for t in targets if t not in dropped]
     if not kept:
-        raise UserError("FREEZE_VISION=True dropped every LoRA target: add text targets to LORA_TARGET_MODULES")
+        raise UserError(
+            "FREEZE_VISION=True dropped every LoRA target: add text targets to LORA_TARGET_MODULES"
+        )
     return kept, None, dropped
 
 
@@ -642,11 +690,19 @@ def apply_lora(model, family, cfg, base_id: str, log=print):
     """LoraConfig -> get_peft_model -> print_trainable_parameters(), the idiom peft users know."""
     from peft import LoraConfig, get_peft_model
 
-    targets, exclude, dropped = resolve_targets(model, family, cfg["LORA_TARGET_MODULES"], cfg["FREEZE_VISION"])
+    targets, exclude, dropped = resolve_targets(
+        model, family, cfg["LORA_TARGET_MODULES"], cfg["FREEZE_VISION"]
+    )
     if dropped:
         log(f"FREEZE_VISION=True: vision encoder frozen; dropped vision LoRA targets: {', '.join(dropped)}")
-    lora_config = LoraConfig(r=cfg["LORA_R"], lora_alpha=cfg["LORA_ALPHA"], lora_dropout=cfg["LORA_DROPOUT"],
-                             target_modules=targets, exclude_modules=exclude, bias="none")
+    lora_config = LoraConfig(
+        r=cfg["LORA_R"],
+        lora_alpha=cfg["LORA_ALPHA"],
+        lora_dropout=cfg["LORA_DROPOUT"],
+        target_modules=targets,
+        exclude_modules=exclude,
+        bias="none",
+    )
     try:
         model = get_peft_model(model, lora_config)
     except ValueError as e:
@@ -673,7 +729,11 @@ def cast_frozen_linears(model, dtype) -> int:
         (shared if id(p) in seen else seen).add(id(p))
     converted = 0
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and id(module.weight) not in shared:
+        if (
+            isinstance(module, torch.nn.Linear)
+            and not module.weight.requires_grad
+            and id(module.weight) not in shared
+        ):
             for p in (module.weight, module.bias):
                 if p is not None and not p.requires_grad:
                     p.data = p.data.to(dtype)
@@ -696,8 +756,13 @@ def frozen_prefix_length(stages) -> tuple[int, str]:
 def caption_loss(logits, targets, label_smoothing: float = 0.0):
     """Cross-entropy of aligned logits and targets (-100: not learnt), averaged over each caption's
     own tokens: one loss per caption."""
-    token_loss = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100,
-                                 reduction="none", label_smoothing=label_smoothing)
+    token_loss = F.cross_entropy(
+        logits.float().transpose(1, 2),
+        targets,
+        ignore_index=-100,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    )
     return token_loss.sum(1) / (targets != -100).sum(1).clamp(min=1)
 
 
@@ -723,8 +788,11 @@ class CaptionModel(torch.nn.Module):
         if stages is None:  # a family without the hook: its plain forward
             logits, targets = self.family.caption_logits(base, batch)
         else:
-            image_embeds = (families.run_stages(stages, batch["pixel_values"]) if vision_prefix is None
-                            else families.run_stages(stages[self.prefix_stages :], vision_prefix))
+            image_embeds = (
+                families.run_stages(stages, batch["pixel_values"])
+                if vision_prefix is None
+                else families.run_stages(stages[self.prefix_stages :], vision_prefix)
+            )
             logits, targets = self.family.caption_logits(base, batch, image_embeds)
         smoothing = getattr(base.config.get_text_config(), "label_smoothing", 0.0)
         return caption_loss(logits, targets, smoothing)
@@ -770,7 +838,8 @@ def optimizer_step(training, micro_batches, n_global: int, batches, cache, max_g
                     accelerator.backward(training.prepared_model(batch).sum() * 0.0)
                 else:
                     losses = training.prepared_model(
-                        batch, **vision_inputs(training.caption_model, batch, cache, accelerator.autocast))
+                        batch, **vision_inputs(training.caption_model, batch, cache, accelerator.autocast)
+                    )
                     accelerator.backward(losses.sum() * scale)
                     loss_sum += losses.detach().double().sum().item()
                     n += len(losses)
@@ -858,9 +927,14 @@ class LoopState:
 def make_loader(data: Data, family, batches, workers: int, seed: int):
     # Its own generator: creating an iterator must not draw from the global RNG (exact resume).
     collate = partial(collate_good, family)  # the family's collate, minus images that failed to decode
-    loader = torch.utils.data.DataLoader(data.dataset, batch_sampler=batches, num_workers=workers,
-                                         worker_init_fn=_quiet_worker, collate_fn=collate,
-                                         generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(
+        data.dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        worker_init_fn=_quiet_worker,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return note_bad_images(loader, data.dropped)
 
 
@@ -872,7 +946,9 @@ def train_epoch(cfg, run, family, data, training, state, stop, bar) -> tuple[str
     """This process's optimizer steps of state.epoch, from state.next_step on. Returns how it ended
     ('done' | 'max_steps' | 'stopped'), the captions it trained on and the seconds it took."""
     accelerator = training.accelerator
-    steps = epoch_steps(data.columns, state.epoch, cfg["SEED"], run.rank, cfg["BATCH_SIZE"], cfg["GRAD_ACCUM"])
+    steps = epoch_steps(
+        data.columns, state.epoch, cfg["SEED"], run.rank, cfg["BATCH_SIZE"], cfg["GRAD_ACCUM"]
+    )
     data.dataset.epoch = state.epoch
     data.dataset.skip_images = frozenset(data.cache.filled) if data.cache is not None else frozenset()
     batches = [[data.train_ids[i] for i in mb] for _, mbs in steps[state.next_step :] for mb in mbs if mb]
@@ -881,8 +957,9 @@ def train_epoch(cfg, run, family, data, training, state, stop, bar) -> tuple[str
     started = time.time()
     seen = 0
     for n_global, micro_batches in steps[state.next_step :]:
-        loss_sum, n, grad_norm = optimizer_step(training, micro_batches, n_global, loader, data.cache,
-                                                cfg["MAX_GRAD_NORM"])
+        loss_sum, n, grad_norm = optimizer_step(
+            training, micro_batches, n_global, loader, data.cache, cfg["MAX_GRAD_NORM"]
+        )
         check_finite(accelerator, loss_sum, state.global_step + 1)
         run.first_step_at = run.first_step_at or time.time()
         state.epoch_loss += loss_sum
@@ -894,14 +971,26 @@ def train_epoch(cfg, run, family, data, training, state, stop, bar) -> tuple[str
         seen += n
         bar.update(1)
         if state.global_step % cfg["LOG_EVERY"] == 0:
-            log_step(cfg, run, data, training, state, grad_norm, seen * run.world / max(time.time() - started, 1e-9))
+            log_step(
+                cfg,
+                run,
+                data,
+                training,
+                state,
+                grad_norm,
+                seen * run.world / max(time.time() - started, 1e-9),
+            )
         if stop.requested:
             accelerator.set_trigger()
         if accelerator.check_trigger():
             return "stopped", seen, time.time() - started
         if state.global_step >= data.total_steps:
             break
-        if cfg["SAVE_EVERY_STEPS"] and state.global_step % cfg["SAVE_EVERY_STEPS"] == 0 and state.next_step < len(steps):
+        if (
+            cfg["SAVE_EVERY_STEPS"]
+            and state.global_step % cfg["SAVE_EVERY_STEPS"] == 0
+            and state.next_step < len(steps)
+        ):
             save_checkpoint(accelerator, run, state, cfg)
     ended = "done" if state.next_step >= len(steps) else "max_steps"
     return ended, seen, time.time() - started
@@ -913,23 +1002,34 @@ def check_finite(accelerator, loss_sum: float, step: int) -> None:
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad.to(accelerator.device), "sum").cpu()
     if bad.item():
-        raise UserError(f"the loss became {loss_sum} at optimizer step {step}: training diverged. Lower LR, "
-                        "or use PRECISION='fp32'; the last checkpoint and any earlier outputs are untouched")
+        raise UserError(
+            f"the loss became {loss_sum} at optimizer step {step}: training diverged. Lower LR, "
+            "or use PRECISION='fp32'; the last checkpoint and any earlier outputs are untouched"
+        )
 
 
 def log_step(cfg, run, data, training, state, grad_norm, rate: float) -> None:
     """Every LOG_EVERY steps: the mean loss since the last line (over all processes) into metrics.jsonl."""
     sums = torch.tensor([state.log_loss, state.log_n], dtype=torch.float64)
     loss_sum, loss_n = training.accelerator.reduce(sums, "sum").tolist()
-    entry = {"type": "train", "epoch": state.epoch + 1, "step": state.global_step,
-             "epoch_float": round(state.epoch + state.next_step / data.steps_per_epoch, 4),
-             "loss": loss_sum / max(loss_n, 1), "lr": training.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-             "samples_per_s": round(rate, 3), "log_every": cfg["LOG_EVERY"]}
+    entry = {
+        "type": "train",
+        "epoch": state.epoch + 1,
+        "step": state.global_step,
+        "epoch_float": round(state.epoch + state.next_step / data.steps_per_epoch, 4),
+        "loss": loss_sum / max(loss_n, 1),
+        "lr": training.scheduler.get_last_lr()[0],
+        "grad_norm": grad_norm,
+        "samples_per_s": round(rate, 3),
+        "log_every": cfg["LOG_EVERY"],
+    }
     state.history.append(entry)
     state.log_loss = 0.0
     state.log_n = 0
-    run.log(f"epoch {state.epoch + 1} step {state.global_step}: loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  "
-            f"{rate:.2f} samples/s")
+    run.log(
+        f"epoch {state.epoch + 1} step {state.global_step}: loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  "
+        f"{rate:.2f} samples/s"
+    )
     if run.is_main:
         write_metrics(state.history, run.out_dir)
 
@@ -940,27 +1040,48 @@ def end_epoch(cfg, run, family, data, training, state, ended: str, seen: int, se
     size = cfg["BATCH_SIZE"]
     val_batches = [data.my_val[i : i + size] for i in range(0, len(data.my_val), size)]
     data.dataset.skip_images = frozenset(data.cache.filled) if data.cache is not None else frozenset()
-    val_sum, val_n = evaluate(training.caption_model, make_loader(data, family, val_batches, 0, cfg["SEED"]),
-                              data.cache, accelerator)
+    val_sum, val_n = evaluate(
+        training.caption_model,
+        make_loader(data, family, val_batches, 0, cfg["SEED"]),
+        data.cache,
+        accelerator,
+    )
     sums = torch.tensor([state.epoch_loss, state.epoch_n, val_sum, val_n], dtype=torch.float64)
     totals = accelerator.reduce(sums, "sum").tolist()
     rate = seen * run.world / max(seconds, 1e-9) if seen else None
-    entry = {"type": "epoch", "epoch": state.epoch + 1, "step": state.global_step,
-             "train_loss": totals[0] / max(totals[1], 1), "val_loss": totals[2] / totals[3] if totals[3] else None,
-             "samples_per_s": round(rate, 3) if rate else None, "train_time_s": round(seconds, 2)}
+    entry = {
+        "type": "epoch",
+        "epoch": state.epoch + 1,
+        "step": state.global_step,
+        "train_loss": totals[0] / max(totals[1], 1),
+        "val_loss": totals[2] / totals[3] if totals[3] else None,
+        "samples_per_s": round(rate, 3) if rate else None,
+        "train_time_s": round(seconds, 2),
+    }
     if run.is_main:
         sample = (data.val_ids or data.train_ids)[: cfg["NUM_SAMPLE_CAPTIONS"]]
         paths = [data.dataset.paths[i] for i in sample]
-        texts = sample_captions(family, training.caption_model.model, paths, data.max_tokens, accelerator.autocast,
-                                accelerator.device)
-        entry["captions"] = [{"file": Path(p).name, "target": data.items[i][1], "generated": t}
-                             for i, p, t in zip(sample, paths, texts)]
+        texts = sample_captions(
+            family,
+            training.caption_model.model,
+            paths,
+            data.max_tokens,
+            accelerator.autocast,
+            accelerator.device,
+        )
+        entry["captions"] = [
+            {"file": Path(p).name, "target": data.items[i][1], "generated": t}
+            for i, p, t in zip(sample, paths, texts)
+        ]
     state.history.append(entry)
     state.epoch_loss = 0.0
     state.epoch_n = 0
     val_text = "-" if entry["val_loss"] is None else f"{entry['val_loss']:.4f}"
-    run.log(f"epoch {state.epoch + 1}/{cfg['EPOCHS']}: train loss {entry['train_loss']:.4f}  val loss {val_text}  "
-            f"{entry['samples_per_s'] or 0:.2f} samples/s  {seconds:.1f} s")
+    run.log(
+        f"epoch {state.epoch + 1}/{cfg['EPOCHS']}: train loss {entry['train_loss']:.4f}  "
+        f"val loss {val_text}  "
+        f"{entry['samples_per_s'] or 0:.2f} samples/s  {seconds:.1f} s"
+    )
     for c in entry.get("captions", []):
         run.log(f"  {c['file']}\n    target: {c['target']}\n    model:  {c['generated']}")
     if run.is_main:
@@ -985,14 +1106,18 @@ def evaluate(caption_model, loader, cache, accelerator) -> tuple[float, int]:
                 continue
             batch = common.to_device(batch, accelerator.device)
             with accelerator.autocast():
-                losses = caption_model(batch, **vision_inputs(caption_model, batch, cache, accelerator.autocast))
+                losses = caption_model(
+                    batch, **vision_inputs(caption_model, batch, cache, accelerator.autocast)
+                )
             total += losses.double().sum().item()
             count += len(losses)
     caption_model.train()
     return total, count
 
 
-def sample_captions(family, model, paths, max_tokens: int, autocast=contextlib.nullcontext, device="cpu") -> list[str]:
+def sample_captions(
+    family, model, paths, max_tokens: int, autocast=contextlib.nullcontext, device="cpu"
+) -> list[str]:
     """Greedy captions, the way inference will produce them."""
     images = []
     for p in paths:
@@ -1014,9 +1139,14 @@ def sample_captions(family, model, paths, max_tokens: int, autocast=contextlib.n
 
 
 def say_how_to_resume(run, state: LoopState, argv) -> None:
-    args = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--RESUME="))
-    run.log(f"stopped at epoch {state.epoch + 1}, step {state.global_step}; checkpoint: {run.last_checkpoint}\n"
-            f"resume with: python train_blip.py {args}".rstrip() + "   (RESUME='auto' continues from it)")
+    args = " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--RESUME=")
+    )
+    run.log(
+        f"stopped at epoch {state.epoch + 1}, step {state.global_step}; checkpoint: {run.last_checkpoint}\n"
+        f"resume with: python train_blip.py {args}".rstrip()
+        + "   (RESUME='auto' continues from it)"
+    )
 
 
 class StopRequest:
@@ -1032,7 +1162,9 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        self.log("\nstop requested: saving a checkpoint after this step (Ctrl-C again to abort without saving)")
+        self.log(
+            "\nstop requested: saving a checkpoint after this step (Ctrl-C again to abort without saving)"
+        )
 
     def __enter__(self):
         with contextlib.suppress(ValueError):  # signal handlers can only be set in the main thread
@@ -1060,26 +1192,36 @@ def save_checkpoint(accelerator, run, state: LoopState, cfg: dict) -> Path:
     ckpt_dir = run.ckpt_dir
     final = ckpt_dir / f"step-{state.global_step:08d}"
     tmp = ckpt_dir / f".tmp-step-{state.global_step:08d}"
-    trainer_state = {**asdict(state), "config": {n: cfg[n] for n in _RESUME_MUST_MATCH}, "world_size": run.world}
+    trainer_state = {
+        **asdict(state),
+        "config": {n: cfg[n] for n in _RESUME_MUST_MATCH},
+        "world_size": run.world,
+    }
     error = None
     try:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))  # model (trainable part, see the pre-hook), optimizer, scheduler, RNG
+        accelerator.save_state(
+            str(tmp)
+        )  # model (trainable part, see the pre-hook), optimizer, scheduler, RNG
         if accelerator.is_main_process:
             common.atomic_write_json(tmp / "trainer_state.json", trainer_state)
     except OSError as e:
         error = e
-    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item()
+    failed = accelerator.reduce(
+        torch.tensor(float(error is not None), device=accelerator.device), "sum"
+    ).item()
     if failed:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(ckpt_dir)
         why = error.strerror or error if error else "another process failed"
         intact = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint"
-        raise UserError(f"could not write checkpoint {final} ({why}); {intact}. Free disk space or change OUTPUT_DIR")
+        raise UserError(
+            f"could not write checkpoint {final} ({why}); {intact}. Free disk space or change OUTPUT_DIR"
+        )
     if accelerator.is_main_process:
         common.replace_dir(tmp, final)
         for old in list_checkpoints(ckpt_dir)[: -cfg["KEEP_CHECKPOINTS"]]:
@@ -1112,12 +1254,15 @@ def checkpoint_problem(path: Path, cfg: dict, run, trainable: set[str]) -> str |
     if saved.get("world_size") != run.world:
         changed.append(f"number of processes ({saved.get('world_size')} -> {run.world})")
     if changed:
-        raise UserError(f"checkpoint {path} was made with different settings ({', '.join(map(str, changed))}); "
-                        "use the same settings, or --RESUME=None to start fresh")
+        raise UserError(
+            f"checkpoint {path} was made with different settings ({', '.join(map(str, changed))}); "
+            "use the same settings, or --RESUME=None to start fresh"
+        )
     try:
         with safe_open(path / "model.safetensors", "pt") as f:
-            missing = trainable - set(f.keys())
-            for key in f.keys():  # reading each tensor catches a truncated file
+            keys = set(f.keys())
+            missing = trainable - keys
+            for key in keys:  # reading each tensor catches a truncated file
                 f.get_slice(key)
     except Exception as e:  # safetensors raises its own error type for damaged files
         return f"model.safetensors is unreadable ({type(e).__name__}: {str(e)[:100]})"
@@ -1153,14 +1298,21 @@ def resume_or_start(cfg, run, training) -> tuple[LoopState, Path | None]:
         saved = json.loads((path / "trainer_state.json").read_text())
         state = LoopState(**{k: saved[k] for k in asdict(LoopState())})
         verb = "resumed from" if state.epoch < cfg["EPOCHS"] else "loaded"
-        run.log(f"{verb} {path}: epoch {state.epoch + 1}, step {state.global_step}" if state.epoch < cfg["EPOCHS"]
-                else f"{path} already finished EPOCHS={cfg['EPOCHS']}; nothing to train (raise EPOCHS to go on)")
+        run.log(
+            f"{verb} {path}: epoch {state.epoch + 1}, step {state.global_step}"
+            if state.epoch < cfg["EPOCHS"]
+            else f"{path} already finished EPOCHS={cfg['EPOCHS']}; nothing to train (raise EPOCHS to go on)"
+        )
         if run.is_main:
-            write_metrics(state.history, run.out_dir)  # drop lines logged after the checkpoint by the interrupted run
+            write_metrics(
+                state.history, run.out_dir
+            )  # drop lines logged after the checkpoint by the interrupted run
         return state, path
     if candidates:
-        raise UserError(f"every checkpoint in {run.ckpt_dir} is damaged (see above); "
-                        "rerun with --RESUME=None to start fresh")
+        raise UserError(
+            f"every checkpoint in {run.ckpt_dir} is damaged (see above); "
+            "rerun with --RESUME=None to start fresh"
+        )
     return LoopState(), None
 
 
@@ -1172,14 +1324,18 @@ def find_checkpoints(resume, ckpt_dir: Path) -> list[Path]:
         return list_checkpoints(ckpt_dir)
     path = Path(resume)
     if not (path / "trainer_state.json").is_file():
-        raise UserError(f"RESUME={resume!r} is not a checkpoint folder (no trainer_state.json); "
-                        f"use 'auto', None, or a folder under {ckpt_dir}")
+        raise UserError(
+            f"RESUME={resume!r} is not a checkpoint folder (no trainer_state.json); "
+            f"use 'auto', None, or a folder under {ckpt_dir}"
+        )
     return [path]
 
 
 # ----------------------------------------------------------------------------- outputs
 def write_metrics(history: list[dict], out_dir: Path) -> None:
-    common.atomic_write_bytes(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history).encode())
+    common.atomic_write_bytes(
+        out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history).encode()
+    )
     plot_losses(history, out_dir / "loss_curve.png")
 
 
@@ -1192,12 +1348,25 @@ def plot_losses(history: list[dict], path) -> None:
     logs = [m for m in history if m["type"] == "train"]
     epochs = [m for m in history if m["type"] == "epoch"]
     if logs:
-        ax.plot([m["epoch_float"] for m in logs], [m["loss"] for m in logs], color="tab:blue", alpha=0.35,
-                label=f"train (every {logs[0].get('log_every', '')} steps)")
-    ax.plot([m["epoch"] for m in epochs], [m["train_loss"] for m in epochs], "o-", color="tab:blue", label="train")
+        ax.plot(
+            [m["epoch_float"] for m in logs],
+            [m["loss"] for m in logs],
+            color="tab:blue",
+            alpha=0.35,
+            label=f"train (every {logs[0].get('log_every', '')} steps)",
+        )
+    ax.plot(
+        [m["epoch"] for m in epochs], [m["train_loss"] for m in epochs], "o-", color="tab:blue", label="train"
+    )
     val = [m for m in epochs if m.get("val_loss") is not None]
     if val:
-        ax.plot([m["epoch"] for m in val], [m["val_loss"] for m in val], "o-", color="tab:orange", label="validation")
+        ax.plot(
+            [m["epoch"] for m in val],
+            [m["val_loss"] for m in val],
+            "o-",
+            color="tab:orange",
+            label="validation",
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss (mean per caption)")
     ax.grid(alpha=0.3)
@@ -1234,14 +1403,20 @@ def save_outputs(model, family, out_dir: Path, use_lora: bool) -> None:
     try:
         model.save_pretrained(tmp)
         family.processor.save_pretrained(tmp)
-        stale = ("model.safetensors", "config.json") if use_lora else ("adapter_model.safetensors", "adapter_config.json")
+        stale = (
+            ("model.safetensors", "config.json")
+            if use_lora
+            else ("adapter_model.safetensors", "adapter_config.json")
+        )
         for name in stale:
             (out_dir / name).unlink(missing_ok=True)
         for f in tmp.iterdir():
             os.replace(f, out_dir / f.name)
     except OSError as e:
-        raise UserError(f"could not write the outputs to {out_dir} ({e.strerror or e}); "
-                        "free disk space or change OUTPUT_DIR (the checkpoints are intact)") from None
+        raise UserError(
+            f"could not write the outputs to {out_dir} ({e.strerror or e}); "
+            "free disk space or change OUTPUT_DIR (the checkpoints are intact)"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -1252,8 +1427,15 @@ def effective_config(cfg, family, model, precision: str, max_tokens: int) -> dic
     if cfg["USE_LORA"]:
         targets = model.peft_config["default"].target_modules
         targets = targets if isinstance(targets, str) else sorted(targets)
-    return dict(cfg, PRECISION=precision, MAX_CAPTION_TOKENS=max_tokens, MODEL_ID=base_ref(cfg["MODEL_ID"]),
-                LORA_TARGET_MODULES=targets, PROMPT=family.prompt, FAMILY=family.name)
+    return dict(
+        cfg,
+        PRECISION=precision,
+        MAX_CAPTION_TOKENS=max_tokens,
+        MODEL_ID=base_ref(cfg["MODEL_ID"]),
+        LORA_TARGET_MODULES=targets,
+        PROMPT=family.prompt,
+        FAMILY=family.name,
+    )
 
 
 def summarize(cfg, run, family, model, data, training, state, resumed_from, rates, times) -> dict:
@@ -1298,10 +1480,15 @@ def summarize(cfg, run, family, model, data, training, state, resumed_from, rate
     results["overhead_share"] = round(results["overhead_s"] / max(results["elapsed_s"], 1e-9), 4)
     if run.is_main:
         save_outputs(model, family, run.out_dir, cfg["USE_LORA"])
-        common.atomic_write_json(run.out_dir / _MARKER, effective_config(cfg, family, model, run.precision, data.max_tokens))
+        common.atomic_write_json(
+            run.out_dir / _MARKER, effective_config(cfg, family, model, run.precision, data.max_tokens)
+        )
         common.atomic_write_json(run.out_dir / "train_results.json", results)
-        run.log(f"done: {len(epochs_done)} epochs, {state.global_step} optimizer steps, final train loss "
-                f"{results['final_train_loss']}; {results['train_samples_per_s']} samples/s; outputs in {run.out_dir}")
+        run.log(
+            f"done: {len(epochs_done)} epochs, {state.global_step} optimizer steps, final train loss "
+            f"{results['final_train_loss']}; {results['train_samples_per_s']} samples/s; "
+            f"outputs in {run.out_dir}"
+        )
     training.accelerator.wait_for_everyone()
     return results
 
@@ -1320,7 +1507,9 @@ def setup_run(cfg, started: float) -> tuple[Run, OutputLock]:
         torch.set_flush_denormal(True)
     # The launcher's world (accelerate launch / torchrun), known before the Accelerator exists. On a
     # machine without GPUs accelerate needs cpu=True to join the launched processes over gloo.
-    on_cpu = not (torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available())
+    on_cpu = not (
+        torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    )
     state = PartialState(cpu=on_cpu)
     if state.is_main_process:
         common.print_config(cfg, "train_blip.py")
@@ -1340,18 +1529,32 @@ def setup_run(cfg, started: float) -> tuple[Run, OutputLock]:
             common.check_writable(out_dir, "OUTPUT_DIR")
             holder = lock.acquire()
             if holder:
-                raise UserError(f"OUTPUT_DIR={str(out_dir)!r} is in use by another run ({holder}); "
-                                "wait for it, or choose another OUTPUT_DIR")
+                raise UserError(
+                    f"OUTPUT_DIR={str(out_dir)!r} is in use by another run ({holder}); "
+                    "wait for it, or choose another OUTPUT_DIR"
+                )
             if not (out_dir / _MARKER).is_file():
-                common.atomic_write_json(out_dir / _MARKER, dict(cfg))  # claims the folder; rewritten at the end
+                common.atomic_write_json(
+                    out_dir / _MARKER, dict(cfg)
+                )  # claims the folder; rewritten at the end
         except UserError as e:
             error = [str(e)]
     broadcast_object_list(error)
     if error[0]:
         raise UserError(error[0])
-    run = Run(state.is_main_process, state.process_index, state.num_processes, on_cpu, precision[0], out_dir,
-              started)
-    run.log(f"precision: {run.precision}" + (" (chosen by PRECISION='auto')" if cfg["PRECISION"] == "auto" else ""))
+    run = Run(
+        state.is_main_process,
+        state.process_index,
+        state.num_processes,
+        on_cpu,
+        precision[0],
+        out_dir,
+        started,
+    )
+    run.log(
+        f"precision: {run.precision}"
+        + (" (chosen by PRECISION='auto')" if cfg["PRECISION"] == "auto" else "")
+    )
     return run, lock
 
 
@@ -1371,17 +1574,41 @@ def plan_data(cfg, run, family, model, items, skipped) -> Data:
     total_steps = cfg["EPOCHS"] * steps_per_epoch
     if cfg["MAX_STEPS"] is not None:
         total_steps = min(total_steps, cfg["MAX_STEPS"])
-    run.log(f"data: {len(train_ids)} train / {len(val_ids)} validation images; {run.world} process(es) x batch "
-            f"{cfg['BATCH_SIZE']} x {cfg['GRAD_ACCUM']} accumulation = effective batch {effective_batch}; "
-            f"{steps_per_epoch} optimizer steps per epoch")
+    run.log(
+        f"data: {len(train_ids)} train / {len(val_ids)} validation images; {run.world} process(es) x batch "
+        f"{cfg['BATCH_SIZE']} x {cfg['GRAD_ACCUM']} accumulation = effective batch {effective_batch}; "
+        f"{steps_per_epoch} optimizer steps per epoch"
+    )
     base = families.base_model(model)
     stages = family.vision_stages(base)
     prefix_stages, why_not = frozen_prefix_length(stages) if stages is not None else (0, "")
-    cache, mode, line = plan_prefix_cache(cfg, family, base, prefix_stages, why_not, run.precision,
-                                          my_train + my_val, run.out_dir / f".prefix_cache-rank{run.rank}.bin")
+    cache, mode, line = plan_prefix_cache(
+        cfg,
+        family,
+        base,
+        prefix_stages,
+        why_not,
+        run.precision,
+        my_train + my_val,
+        run.out_dir / f".prefix_cache-rank{run.rank}.bin",
+    )
     run.log(line)
-    return Data(items, skipped, max_tokens, dataset, train_ids, val_ids, columns, my_val, steps_per_epoch,
-                total_steps, cache, mode, line, prefix_stages if cache is not None else 0)
+    return Data(
+        items,
+        skipped,
+        max_tokens,
+        dataset,
+        train_ids,
+        val_ids,
+        columns,
+        my_val,
+        steps_per_epoch,
+        total_steps,
+        cache,
+        mode,
+        line,
+        prefix_stages if cache is not None else 0,
+    )
 
 
 def prepare_training(cfg, run, family, model, data) -> Training:
@@ -1389,8 +1616,12 @@ def prepare_training(cfg, run, family, model, data) -> Training:
     from transformers import get_scheduler
 
     AcceleratorState._reset_state(reset_partial_state=False)  # main() may run twice in one process (tests)
-    accelerator = Accelerator(cpu=run.on_cpu, mixed_precision={"fp32": "no"}.get(run.precision, run.precision),
-                              gradient_accumulation_steps=cfg["GRAD_ACCUM"], step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(
+        cpu=run.on_cpu,
+        mixed_precision={"fp32": "no"}.get(run.precision, run.precision),
+        gradient_accumulation_steps=cfg["GRAD_ACCUM"],
+        step_scheduler_with_optimizer=False,
+    )
     if run.precision in ("bf16", "fp16") and cfg["USE_LORA"]:
         cast_frozen_linears(families.base_model(model), common.torch_dtype(run.precision))
     caption_model = CaptionModel(model, family, data.prefix_stages)
@@ -1400,8 +1631,12 @@ def prepare_training(cfg, run, family, model, data) -> Training:
     if schedule == "constant" and cfg["WARMUP_STEPS"]:
         schedule = "constant_with_warmup"
     try:
-        scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg["WARMUP_STEPS"],
-                                  num_training_steps=max(1, data.total_steps))
+        scheduler = get_scheduler(
+            schedule,
+            optimizer,
+            num_warmup_steps=cfg["WARMUP_STEPS"],
+            num_training_steps=max(1, data.total_steps),
+        )
     except ValueError as e:
         raise UserError(f"LR_SCHEDULE={cfg['LR_SCHEDULE']!r}: {e}") from None
     prepared_model, optimizer, scheduler = accelerator.prepare(caption_model, optimizer, scheduler)
@@ -1427,8 +1662,13 @@ def main(argv=None):
 
         rates, times = [], []  # samples/s and seconds of each epoch this run trained
         ended = "done"
-        bar = tqdm(total=data.total_steps, initial=state.global_step, disable=not run.is_main, desc="train",
-                   unit="step")
+        bar = tqdm(
+            total=data.total_steps,
+            initial=state.global_step,
+            disable=not run.is_main,
+            desc="train",
+            unit="step",
+        )
         training.prepared_model.train()
         with StopRequest(run.log) as stop:
             while state.epoch < cfg["EPOCHS"] and state.global_step < data.total_steps:

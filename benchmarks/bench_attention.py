@@ -23,9 +23,10 @@ _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE.parent))
 sys.path.insert(0, str(_HERE))
 
+from bench_train import ensure_random_blip, machine, repo_path  # noqa: E402
+
 import common  # noqa: E402
 import families  # noqa: E402
-from bench_train import ensure_random_blip, machine, repo_path  # noqa: E402
 
 MODEL_DIR = ".cache/blip-random-base"  # the random BLIP-base (built once, as in bench_train.py)
 PROCESSOR_DIR = "../shared/blip_processor"  # the real processor, saved into MODEL_DIR
@@ -52,7 +53,9 @@ def load_variant(model_dir: Path, text, train: bool):
         families.enable_blip_sdpa(model, text=text)
     if not train:
         return model.eval(), None
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=_LORA_TARGETS))
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=_LORA_TARGETS)
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-5)
     return model.train(), optimizer
 
@@ -108,16 +111,24 @@ def main(argv=None):
         for (precision, name), ts in times.items():
             median, eager = statistics.median(ts), statistics.median(times[(precision, "eager")])
             report["median_s"][f"{part}/{precision}/{name}"] = median
-            print(f"{part:>6} {precision} {name:<12} {median:7.3f} s per batch of {n} "
-                  f"({n / median:6.2f} images/s; eager / this = {eager / median:.2f}x)", flush=True)
+            print(
+                f"{part:>6} {precision} {name:<12} {median:7.3f} s per batch of {n} "
+                f"({n / median:6.2f} images/s; eager / this = {eager / median:.2f}x)",
+                flush=True,
+            )
     report["machine"]["load_average_1min_after"] = round(os.getloadavg()[0], 2)
     m = report["machine"]
-    print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, load average "
-          f"{m['load_average_1min']} -> {m['load_average_1min_after']}")
+    print(
+        f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, load average "
+        f"{m['load_average_1min']} -> {m['load_average_1min_after']}"
+    )
     med = report["median_s"]
     if "train/bf16/eager" in med:
-        print(f"bf16 train step: eager {med['train/bf16/eager']:.3f} s, SDPA {med['train/bf16/sdpa-all']:.3f} s, "
-              f"ratio {med['train/bf16/eager'] / med['train/bf16/sdpa-all']:.2f}x")
+        print(
+            f"bf16 train step: eager {med['train/bf16/eager']:.3f} s, "
+            f"SDPA {med['train/bf16/sdpa-all']:.3f} s, "
+            f"ratio {med['train/bf16/eager'] / med['train/bf16/sdpa-all']:.2f}x"
+        )
     return report
 
 

@@ -69,8 +69,10 @@ def ensure_adapter(model_dir: Path, adapter_dir: Path) -> Path:
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
     torch.manual_seed(0)
-    model = get_peft_model(BlipForConditionalGeneration.from_pretrained(model_dir),
-                           LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=_LORA_TARGETS))
+    model = get_peft_model(
+        BlipForConditionalGeneration.from_pretrained(model_dir),
+        LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=_LORA_TARGETS),
+    )
     tmp = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix=".lora-"))
     model.save_pretrained(tmp)
     BlipProcessor.from_pretrained(model_dir).save_pretrained(tmp)
@@ -81,8 +83,9 @@ def ensure_adapter(model_dir: Path, adapter_dir: Path) -> Path:
 def image_paths(mirror: Path, n: int) -> list[Path]:
     paths = sorted((mirror / "val2017").glob("*.jpg"))[:n]
     if len(paths) < n:
-        raise common.UserError(f"only {len(paths)} images in {mirror / 'val2017'}; "
-                               f"lower NUM_IMAGES or set MIRROR_DIR")
+        raise common.UserError(
+            f"only {len(paths)} images in {mirror / 'val2017'}; lower NUM_IMAGES or set MIRROR_DIR"
+        )
     return paths
 
 
@@ -98,8 +101,13 @@ def tutorial_captions(cfg: dict, paths: list[Path]) -> dict:
     processor = BlipProcessor.from_pretrained(model_dir)
     base = BlipForConditionalGeneration.from_pretrained(model_dir)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    settings = dict(do_sample=True, temperature=cfg["TEMPERATURE"], top_p=cfg["TOP_P"],
-                    min_new_tokens=cfg["NEW_TOKENS"], max_new_tokens=cfg["NEW_TOKENS"])
+    settings = dict(
+        do_sample=True,
+        temperature=cfg["TEMPERATURE"],
+        top_p=cfg["TOP_P"],
+        min_new_tokens=cfg["NEW_TOKENS"],
+        max_new_tokens=cfg["NEW_TOKENS"],
+    )
 
     def caption(path):
         image = Image.open(path).convert("RGB")
@@ -115,15 +123,25 @@ def tutorial_captions(cfg: dict, paths: list[Path]) -> dict:
     start = time.perf_counter()
     captions = [caption(p) for p in paths]
     elapsed = time.perf_counter() - start
-    return {"images_per_s": len(paths) / elapsed, "timed_s": elapsed, "images": len(paths),
-            "batch_size": 1, "precision": "fp32", "example": captions[0], "flops": flops_of(count, 1)}
+    return {
+        "images_per_s": len(paths) / elapsed,
+        "timed_s": elapsed,
+        "images": len(paths),
+        "batch_size": 1,
+        "precision": "fp32",
+        "example": captions[0],
+        "flops": flops_of(count, 1),
+    }
 
 
 def flops_of(count, images: int) -> dict | None:
     if count is None:
         return None
-    return {"flops_per_image": count.total / images, "images_counted": images,
-            "by_op_gflop": {k: round(v / 1e9, 2) for k, v in count.by_op.items()}}
+    return {
+        "flops_per_image": count.total / images,
+        "images_counted": images,
+        "by_op_gflop": {k: round(v / 1e9, 2) for k, v in count.by_op.items()},
+    }
 
 
 def our_captions(cfg: dict, paths: list[Path]) -> dict:
@@ -134,8 +152,14 @@ def our_captions(cfg: dict, paths: list[Path]) -> dict:
     import inference
 
     model, family, _ = inference.load_captioner(repo_path(cfg["ADAPTER_DIR"]))
-    settings = dict(do_sample=True, temperature=cfg["TEMPERATURE"], top_p=cfg["TOP_P"], num_beams=1,
-                    min_new_tokens=cfg["NEW_TOKENS"], max_new_tokens=cfg["NEW_TOKENS"])
+    settings = dict(
+        do_sample=True,
+        temperature=cfg["TEMPERATURE"],
+        top_p=cfg["TOP_P"],
+        num_beams=1,
+        min_new_tokens=cfg["NEW_TOKENS"],
+        max_new_tokens=cfg["NEW_TOKENS"],
+    )
     batch = cfg["OURS_BATCH_SIZE"]
     dtype = inference.set_precision(model, cfg["OURS_PRECISION"], "cpu")
 
@@ -152,9 +176,15 @@ def our_captions(cfg: dict, paths: list[Path]) -> dict:
     images = [common.open_image(p) for p in paths]
     captions = inference.caption_images(model, family, images, batch_size=batch, **settings)
     elapsed = time.perf_counter() - start
-    return {"images_per_s": len(paths) / elapsed, "timed_s": elapsed, "images": len(paths),
-            "batch_size": batch, "precision": str(dtype).replace("torch.", ""), "example": captions[0],
-            "flops": flops_of(count, len(warm))}
+    return {
+        "images_per_s": len(paths) / elapsed,
+        "timed_s": elapsed,
+        "images": len(paths),
+        "batch_size": batch,
+        "precision": str(dtype).replace("torch.", ""),
+        "example": captions[0],
+        "flops": flops_of(count, len(warm)),
+    }
 
 
 # ----------------------------------------------------------------------------- levers (prototypes)
@@ -180,8 +210,9 @@ def measure_levers(cfg: dict, paths: list[Path]) -> dict:
     base = families.base_model(model)
     images = [common.open_image(p) for p in paths[: cfg["OURS_BATCH_SIZE"]]]
     pixels = family.pixel_values(images)
-    greedy = dict(num_beams=1, do_sample=False, min_new_tokens=cfg["NEW_TOKENS"],
-                  max_new_tokens=cfg["NEW_TOKENS"])
+    greedy = dict(
+        num_beams=1, do_sample=False, min_new_tokens=cfg["NEW_TOKENS"], max_new_tokens=cfg["NEW_TOKENS"]
+    )
     out, n = {"images": len(images), "load_average_1min": [round(os.getloadavg()[0], 2)]}, len(images)
 
     def timed(fn):
@@ -198,10 +229,15 @@ def measure_levers(cfg: dict, paths: list[Path]) -> dict:
         out["vision_s_per_image"] = round(t_vision / n, 3)
         out["decode_s_per_image"] = round(t_decode / n, 3)
         # static self-attention cache (prototype; generate's own cache_implementation="static" fails)
-        ids, t_static = timed(lambda: family.generate_from_embeds(
-            base, embeds, past_key_values=static_cache(model, 1 + cfg["NEW_TOKENS"]), **greedy))
-        out["static_cache"] = {"decode_s_per_image": round(t_static / n, 3),
-                               "exact": torch.equal(ids, reference)}
+        ids, t_static = timed(
+            lambda: family.generate_from_embeds(
+                base, embeds, past_key_values=static_cache(model, 1 + cfg["NEW_TOKENS"]), **greedy
+            )
+        )
+        out["static_cache"] = {
+            "decode_s_per_image": round(t_static / n, 3),
+            "exact": torch.equal(ids, reference),
+        }
         # bf16 vision tower only, on one image (on a CPU without native bf16 this is emulated and slow)
         one = pixels[:1]
         fp32_one, t32 = timed(lambda: families.run_stages(stages, one))
@@ -211,21 +247,31 @@ def measure_levers(cfg: dict, paths: list[Path]) -> dict:
         finally:
             base.vision_model.to(torch.float32)
         ids16 = family.generate_from_embeds(base, bf16_one, **greedy)
-        out["bf16_vision"] = {"fp32_vision_s": round(t32, 3), "bf16_vision_s": round(t16, 3),
-                              "max_abs_diff": float((bf16_one - fp32_one).abs().max()),
-                              "same_caption": torch.equal(ids16, reference[:1])}
+        out["bf16_vision"] = {
+            "fp32_vision_s": round(t32, 3),
+            "bf16_vision_s": round(t16, 3),
+            "max_abs_diff": float((bf16_one - fp32_one).abs().max()),
+            "same_caption": torch.equal(ids16, reference[:1]),
+        }
         # batch size: the same images one batch of n vs batches of n/2
         half = max(1, n // 2)
-        _, t_half = timed(lambda: [inference.generate_ids(model, family, pixels[i : i + half], **greedy)
-                                   for i in range(0, n, half)])
-        out["batch"] = {f"batch_{n}_images_per_s": round(n / t_all, 3),
-                        f"batch_{half}_images_per_s": round(n / t_half, 3)}
+        _, t_half = timed(
+            lambda: [
+                inference.generate_ids(model, family, pixels[i : i + half], **greedy)
+                for i in range(0, n, half)
+            ]
+        )
+        out["batch"] = {
+            f"batch_{n}_images_per_s": round(n / t_all, 3),
+            f"batch_{half}_images_per_s": round(n / t_half, 3),
+        }
         # beams: what 3 beams cost over 1 (counted FLOPs per image and time), on one image
         beams = {}
         for k in (1, 3):
             with roofline.FlopCount() as count:
-                _, t = timed(lambda k=k: family.generate_from_embeds(base, embeds[:1],
-                                                                     **{**greedy, "num_beams": k}))
+                _, t = timed(
+                    lambda k=k: family.generate_from_embeds(base, embeds[:1], **{**greedy, "num_beams": k})
+                )
             beams[f"beams_{k}"] = {"decode_gflop": round(count.total / 1e9, 1), "decode_s": round(t, 3)}
         out["beams"] = beams
     out["load_average_1min"].append(round(os.getloadavg()[0], 2))
@@ -234,11 +280,27 @@ def measure_levers(cfg: dict, paths: list[Path]) -> dict:
 
 def in_subprocess(cfg: dict, which: str, out: Path) -> dict:
     result_file = out / f"{which}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), f"--RUN={which}-child",
-           f"--RESULTS_PATH={result_file}"]
-    cmd += [f"--{k}={cfg[k]}" for k in ("MODEL_DIR", "ADAPTER_DIR", "MIRROR_DIR", "NUM_IMAGES", "NEW_TOKENS",
-                                         "TEMPERATURE", "TOP_P", "OURS_BATCH_SIZE", "OURS_PRECISION",
-                                         "ROOFLINE")]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        f"--RUN={which}-child",
+        f"--RESULTS_PATH={result_file}",
+    ]
+    cmd += [
+        f"--{k}={cfg[k]}"
+        for k in (
+            "MODEL_DIR",
+            "ADAPTER_DIR",
+            "MIRROR_DIR",
+            "NUM_IMAGES",
+            "NEW_TOKENS",
+            "TEMPERATURE",
+            "TOP_P",
+            "OURS_BATCH_SIZE",
+            "OURS_PRECISION",
+            "ROOFLINE",
+        )
+    ]
     run = run_measured(cmd, out / f"{which}.log")
     if run["returncode"] != 0:
         tail = Path(run["log"]).read_text().strip().splitlines()[-1:]
@@ -289,13 +351,17 @@ def main(argv=None):
     report["machine"]["load_average_1min_after"] = round(os.getloadavg()[0], 2)
 
     m = report["machine"]
-    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, bf16 native: {m['bf16_native']}, "
-          f"load average {m['load_average_1min']} -> {m['load_average_1min_after']}")
+    print(
+        f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, bf16 native: {m['bf16_native']}, "
+        f"load average {m['load_average_1min']} -> {m['load_average_1min_after']}"
+    )
     for which in ("baseline", "ours"):
         if which in report:
             r = report[which]
-            print(f"{which:>8}: {r['images_per_s']:.3f} images/s (batch {r['batch_size']}, {r['precision']}, "
-                  f"{cfg['NEW_TOKENS']} tokens each), peak RSS {r['peak_rss_mb']:.0f} MB")
+            print(
+                f"{which:>8}: {r['images_per_s']:.3f} images/s (batch {r['batch_size']}, {r['precision']}, "
+                f"{cfg['NEW_TOKENS']} tokens each), peak RSS {r['peak_rss_mb']:.0f} MB"
+            )
     if cfg["ROOFLINE"]:
         print(f"roofline ({roofline.FLOP_NOTE}; rate = images/s above):")
         for which in ("baseline", "ours"):
@@ -303,15 +369,18 @@ def main(argv=None):
             if r.get("flops"):
                 if r["precision"] not in report["ceiling"]:
                     report["ceiling"].update(bench_train.probe_ceilings(cfg, [r["precision"]]))
-                r["roofline"] = roofline.share(r["flops"]["flops_per_image"], r["images_per_s"],
-                                               report["ceiling"][r["precision"]])
+                r["roofline"] = roofline.share(
+                    r["flops"]["flops_per_image"], r["images_per_s"], report["ceiling"][r["precision"]]
+                )
                 print(roofline.describe(which, r["roofline"], "image"))
     if "baseline" in report and "ours" in report:
         report["speedup"] = report["ours"]["images_per_s"] / report["baseline"]["images_per_s"]
     common.atomic_write_json(results_path, report)
     if "speedup" in report:
-        print(f"caption images/s: baseline {report['baseline']['images_per_s']:.3f}, "
-              f"ours {report['ours']['images_per_s']:.3f}, ratio {report['speedup']:.2f}x")
+        print(
+            f"caption images/s: baseline {report['baseline']['images_per_s']:.3f}, "
+            f"ours {report['ours']['images_per_s']:.3f}, ratio {report['speedup']:.2f}x"
+        )
     return report
 
 

@@ -60,8 +60,13 @@ def mirror_folder(tmp: Path) -> Path:
 
 
 def timed_run(url: str, tmp: Path, name: str, workers: int) -> tuple[float, int]:
-    args = [f"--COCO_BASE_URL={url}", f"--OUTPUT_DIR={tmp / name / 'out'}", f"--SAMPLES_DIR={tmp / name / 'samples'}",
-            f"--ANNOTATIONS_DIR={tmp / 'cache'}", f"--WORKERS={workers}"]
+    args = [
+        f"--COCO_BASE_URL={url}",
+        f"--OUTPUT_DIR={tmp / name / 'out'}",
+        f"--SAMPLES_DIR={tmp / name / 'samples'}",
+        f"--ANNOTATIONS_DIR={tmp / 'cache'}",
+        f"--WORKERS={workers}",
+    ]
     start = time.perf_counter()
     result = dl.main(args)
     seconds = time.perf_counter() - start
@@ -78,8 +83,11 @@ def main():
         return serve(opts.serve, opts.latency)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        server = subprocess.Popen([sys.executable, __file__, f"--serve={mirror_folder(tmp)}", f"--latency={opts.latency}"],
-                                  stdout=subprocess.PIPE, text=True)
+        server = subprocess.Popen(
+            [sys.executable, __file__, f"--serve={mirror_folder(tmp)}", f"--latency={opts.latency}"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             url = f"http://127.0.0.1:{server.stdout.readline().strip()}"
             timed_run(url, tmp, "warm-up", dl.WORKERS)  # fetches and caches the annotation zip once

@@ -23,23 +23,36 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 N_IMAGES, N_CAPTIONS = 118_287, 591_753  # the real captions_train2017.json
-WORDS = "a an the man woman dog cat pizza table bus train sitting standing on in next to with of red large small".split()
+WORDS = ["a", "an", "the", "man", "woman", "dog", "cat", "pizza", "table", "bus", "train", "sitting",
+         "standing", "on", "in", "next", "to", "with", "of", "red", "large", "small"]  # fmt: skip
 
 
 def make_annotation_file(path: Path, n_images: int, n_captions: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     images = [
-        {"license": rng.randint(1, 8), "file_name": f"{i:012d}.jpg",
-         "coco_url": f"http://images.cocodataset.org/train2017/{i:012d}.jpg",
-         "height": 480, "width": 640, "date_captured": "2013-11-14 17:02:52",
-         "flickr_url": f"http://farm4.staticflickr.com/1/{i}_abc_z.jpg", "id": i}
+        {
+            "license": rng.randint(1, 8),
+            "file_name": f"{i:012d}.jpg",
+            "coco_url": f"http://images.cocodataset.org/train2017/{i:012d}.jpg",
+            "height": 480,
+            "width": 640,
+            "date_captured": "2013-11-14 17:02:52",
+            "flickr_url": f"http://farm4.staticflickr.com/1/{i}_abc_z.jpg",
+            "id": i,
+        }
         for i in range(1, n_images + 1)
     ]
     # Five captions each, and the remainder as sixth captions, as in the real file.
-    owners = [im["id"] for im in images for _ in range(5)] + rng.sample(range(1, n_images + 1), n_captions - 5 * n_images)
+    owners = [im["id"] for im in images for _ in range(5)] + rng.sample(
+        range(1, n_images + 1), n_captions - 5 * n_images
+    )
     rng.shuffle(owners)
     annotations = [
-        {"image_id": owner, "id": k, "caption": " ".join(rng.choices(WORDS, k=rng.randint(8, 14))).capitalize() + "."}
+        {
+            "image_id": owner,
+            "id": k,
+            "caption": " ".join(rng.choices(WORDS, k=rng.randint(8, 14))).capitalize() + ".",
+        }
         for k, owner in enumerate(owners, start=1)
     ]
     with open(path, "w") as f:
@@ -76,9 +89,16 @@ def measure(cache: Path, num_images: int) -> dict:
         _ = [a["caption"] for a in annotations["annotations"] if a["image_id"] == id_of[name]]
     scan = (time.perf_counter() - s0) / 5
     return {
-        "images_with_captions": len(index), "captions": sum(map(len, index.values())),
-        "load_s": t1 - t0, "index_s": t2 - t1, "select_s": t3 - t2, "total_s": t3 - t0,
-        "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": rss_before, "scan_per_image_s": scan, "num_images": num_images,
+        "images_with_captions": len(index),
+        "captions": sum(map(len, index.values())),
+        "load_s": t1 - t0,
+        "index_s": t2 - t1,
+        "select_s": t3 - t2,
+        "total_s": t3 - t0,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_after_imports_mb": rss_before,
+        "scan_per_image_s": scan,
+        "num_images": num_images,
     }
 
 
@@ -95,19 +115,37 @@ def main():
         path = cache / "captions_train2017.json"
         t = time.perf_counter()
         make_annotation_file(path, N_IMAGES, N_CAPTIONS)
-        print(f"generated {path.name}: {N_IMAGES:,} images, {N_CAPTIONS:,} captions, "
-              f"{path.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - t:.1f}s")
-        child = subprocess.run([sys.executable, __file__, f"--measure={cache}", f"--num-images={opts.num_images}"],
-                               capture_output=True, text=True, check=True)
+        print(
+            f"generated {path.name}: {N_IMAGES:,} images, {N_CAPTIONS:,} captions, "
+            f"{path.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - t:.1f}s"
+        )
+        child = subprocess.run(
+            [sys.executable, __file__, f"--measure={cache}", f"--num-images={opts.num_images}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     r = json.loads(child.stdout.strip().splitlines()[-1])
     assert (r["images_with_captions"], r["captions"]) == (N_IMAGES, N_CAPTIONS), r
     print(f"read json      {r['load_s']:6.2f} s")
     print(f"index captions {r['index_s']:6.2f} s   (one pass over {r['captions']:,} captions)")
-    print(f"select {r['num_images']:,}   {r['select_s']:6.2f} s   (seeded shuffle of {r['images_with_captions']:,} images)")
-    print(f"peak memory    {r['peak_rss_mb']:6.0f} MB  (process RSS; {r['rss_after_imports_mb']:.0f} MB after imports)")
+    print(
+        f"select {r['num_images']:,}   {r['select_s']:6.2f} s   "
+        f"(seeded shuffle of {r['images_with_captions']:,} images)"
+    )
+    print(
+        f"peak memory    {r['peak_rss_mb']:6.0f} MB  "
+        f"(process RSS; {r['rss_after_imports_mb']:.0f} MB after imports)"
+    )
     hours = r["scan_per_image_s"] * r["num_images"] / 3600
-    print(f"tutorial per-image scan: {r['scan_per_image_s'] * 1000:.0f} ms per image, ~{hours:.1f} h for {r['num_images']:,} images")
-    print(f"index + selection: {r['index_s'] + r['select_s']:.2f} s, with reading the json: {r['total_s']:.2f} s")
+    print(
+        f"tutorial per-image scan: {r['scan_per_image_s'] * 1000:.0f} ms per image, "
+        f"~{hours:.1f} h for {r['num_images']:,} images"
+    )
+    print(
+        f"index + selection: {r['index_s'] + r['select_s']:.2f} s, "
+        f"with reading the json: {r['total_s']:.2f} s"
+    )
 
 
 if __name__ == "__main__":

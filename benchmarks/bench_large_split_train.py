@@ -53,7 +53,8 @@ VAL_FRACTION = 0.001  # about 118 validation images (validation runs once, at th
 EXTRA_ARGS = []  # more --NAME=value for train_blip.py, e.g. ["--PREFIX_CACHE=off"]
 HEADER_SAMPLE = 5000  # files timed with a header-only check, for comparison with the full decode
 
-WORDS = "a an the man woman dog cat pizza table bus train sitting standing on in next to with of red large small".split()
+WORDS = ["a", "an", "the", "man", "woman", "dog", "cat", "pizza", "table", "bus", "train", "sitting",
+         "standing", "on", "in", "next", "to", "with", "of", "red", "large", "small"]  # fmt: skip
 
 
 def build_data(data_dir: Path, n: int, sources: list[Path], seed: int = 0) -> dict:
@@ -65,7 +66,9 @@ def build_data(data_dir: Path, n: int, sources: list[Path], seed: int = 0) -> di
         name = f"{i + 1:012d}.jpg"
         target = data_dir / name
         if not target.exists():
-            os.link(sources[i % len(sources)], target)  # ext4 allows 65,000 links per file: 40 sources suffice
+            os.link(
+                sources[i % len(sources)], target
+            )  # ext4 allows 65,000 links per file: 40 sources suffice
         captions[name] = " ".join(rng.choices(WORDS, k=rng.randint(8, 14))).capitalize() + "."
     common.atomic_write_json(data_dir / "captions.json", captions)
     return captions
@@ -85,7 +88,9 @@ def source_images(folder: Path, work: Path) -> tuple[list[Path], str]:
     local = work / "sources"
     local.mkdir(parents=True, exist_ok=True)
     for k in range(40):
-        Image.effect_noise((640, 480), 30 + k).convert("RGB").save(local / f"synthetic_{k:02d}.jpg", quality=85)
+        Image.effect_noise((640, 480), 30 + k).convert("RGB").save(
+            local / f"synthetic_{k:02d}.jpg", quality=85
+        )
     return sorted(local.glob("*.jpg")), "40 synthetic 640x480 JPEGs (../shared absent)"
 
 
@@ -129,11 +134,19 @@ class Sampler:
 
 def run_training(cmd: list[str], env: dict) -> dict:
     """Run train_blip.py, noting the time and RSS at the lines that mark its stages."""
-    marks = {"== train_blip.py ==": "imports done", "warning: skipped": "images checked (some skipped)",
-             "trainable params": "images checked, model loaded", "data:": "tokenized and split",
-             "prefix cache:": "prefix cache planned", "epoch 1 step": "step", "done:": "done"}
+    marks = {
+        "== train_blip.py ==": "imports done",
+        "warning: skipped": "images checked (some skipped)",
+        "trainable params": "images checked, model loaded",
+        "data:": "tokenized and split",
+        "prefix cache:": "prefix cache planned",
+        "epoch 1 step": "step",
+        "done:": "done",
+    }
     start = time.perf_counter()
-    child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    child = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
     sampler = Sampler(child.pid)
     stages, log = [], []
     for line in child.stdout:
@@ -142,14 +155,26 @@ def run_training(cmd: list[str], env: dict) -> dict:
             for key, stage in marks.items():
                 if part.strip().startswith(key) or (key == "epoch 1 step" and key in part):
                     main, workers = sampler.now()
-                    stages.append({"stage": stage, "line": part.strip()[:160], "t_s": round(time.perf_counter() - start, 1),
-                                   "rss_mb": round(main), "worker_rss_mb": round(workers)})
+                    stages.append(
+                        {
+                            "stage": stage,
+                            "line": part.strip()[:160],
+                            "t_s": round(time.perf_counter() - start, 1),
+                            "rss_mb": round(main),
+                            "worker_rss_mb": round(workers),
+                        }
+                    )
     child.wait()
     sampler.stop = True
     sampler.thread.join()
-    return {"returncode": child.returncode, "wall_s": round(time.perf_counter() - start, 1), "stages": stages,
-            "peak_rss_mb": round(sampler.peak_main), "peak_worker_rss_mb": round(sampler.peak_workers),
-            "log_tail": log[-40:]}
+    return {
+        "returncode": child.returncode,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "stages": stages,
+        "peak_rss_mb": round(sampler.peak_main),
+        "peak_worker_rss_mb": round(sampler.peak_workers),
+        "log_tail": log[-40:],
+    }
 
 
 def main(argv=None):
@@ -157,7 +182,9 @@ def main(argv=None):
     cfg = common.configure(settings, argv, __doc__)
     common.print_config(cfg, "bench_large_split_train.py")
     if not Path(cfg["PROCESSOR_DIR"]).is_dir():
-        raise common.UserError(f"PROCESSOR_DIR={cfg['PROCESSOR_DIR']!r} not found: the real BLIP processor is needed")
+        raise common.UserError(
+            f"PROCESSOR_DIR={cfg['PROCESSOR_DIR']!r} not found: the real BLIP processor is needed"
+        )
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     work = Path(cfg["WORK_DIR"] or tempfile.mkdtemp(prefix="bench_large_split_"))
     try:
@@ -167,20 +194,39 @@ def main(argv=None):
         sources, what = source_images(Path(cfg["SOURCE_IMAGES"]), work)
         captions = build_data(work / "data", cfg["N_IMAGES"], sources)
         size_mb = (work / "data" / "captions.json").stat().st_size / 2**20
-        print(f"data: {len(captions):,} entries in captions.json ({size_mb:.1f} MB), hard links to {what}; "
-              f"built in {time.perf_counter() - t:.1f} s")
+        print(
+            f"data: {len(captions):,} entries in captions.json ({size_mb:.1f} MB), hard links to {what}; "
+            f"built in {time.perf_counter() - t:.1f} s"
+        )
         model_dir = work / "model"
         if not (model_dir / "config.json").is_file():
             build_tiny_blip(model_dir, Path(cfg["PROCESSOR_DIR"]), image_size=cfg["IMAGE_SIZE"])
         rate = header_check_rate(work / "data", sorted(captions)[: cfg["HEADER_SAMPLE"]])
 
-        cmd = [sys.executable, str(REPO / "train_blip.py"), f"--MODEL_ID={model_dir}", f"--DATA_DIR={work / 'data'}",
-               f"--OUTPUT_DIR={work / 'out'}", "--RESUME=None", "--EPOCHS=1", f"--MAX_STEPS={cfg['MAX_STEPS']}",
-               f"--BATCH_SIZE={cfg['BATCH_SIZE']}", f"--NUM_WORKERS={cfg['NUM_WORKERS']}",
-               f"--VAL_FRACTION={cfg['VAL_FRACTION']}", "--NUM_SAMPLE_CAPTIONS=0", "--LOG_EVERY=10",
-               *cfg["EXTRA_ARGS"]]
+        cmd = [
+            sys.executable,
+            str(REPO / "train_blip.py"),
+            f"--MODEL_ID={model_dir}",
+            f"--DATA_DIR={work / 'data'}",
+            f"--OUTPUT_DIR={work / 'out'}",
+            "--RESUME=None",
+            "--EPOCHS=1",
+            f"--MAX_STEPS={cfg['MAX_STEPS']}",
+            f"--BATCH_SIZE={cfg['BATCH_SIZE']}",
+            f"--NUM_WORKERS={cfg['NUM_WORKERS']}",
+            f"--VAL_FRACTION={cfg['VAL_FRACTION']}",
+            "--NUM_SAMPLE_CAPTIONS=0",
+            "--LOG_EVERY=10",
+            *cfg["EXTRA_ARGS"],
+        ]
         print("running:", " ".join(cmd))
-        env = dict(os.environ, MPLBACKEND="Agg", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        env = dict(
+            os.environ,
+            MPLBACKEND="Agg",
+            HF_HUB_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+            PYTHONUNBUFFERED="1",
+        )
         run = run_training(cmd, env)
         if run["returncode"] != 0:
             print("\n".join(run["log_tail"]))
@@ -195,30 +241,49 @@ def main(argv=None):
     pixels_gb = n * 3 * cfg["IMAGE_SIZE"] ** 2 * 4 / 1e9
     for s in run["stages"]:
         if s["stage"] != "step" or s is run["stages"][-1] or "step 10:" in s["line"]:
-            print(f"  {s['t_s']:7.1f} s  RSS {s['rss_mb']:6d} MB (worker {s['worker_rss_mb']:5d} MB)  {s['stage']}: {s['line'][:90]}")
+            print(
+                f"  {s['t_s']:7.1f} s  RSS {s['rss_mb']:6d} MB (worker {s['worker_rss_mb']:5d} MB)  "
+                f"{s['stage']}: {s['line'][:90]}"
+            )
     steps = [s for s in run["stages"] if s["stage"] == "step"]
     checked = next((s for s in run["stages"] if s["stage"].startswith("images checked")), None)
     report = {
-        "config": cfg, "n_images": n, "captions_json_mb": round(size_mb, 1), "sources": what,
-        "train_blip_cmd": cmd, "run": run, "train_results": results,
+        "config": cfg,
+        "n_images": n,
+        "captions_json_mb": round(size_mb, 1),
+        "sources": what,
+        "train_blip_cmd": cmd,
+        "run": run,
+        "train_results": results,
         "images_streamed": results["optimizer_steps"] * cfg["BATCH_SIZE"],
         "check_images_s": checked["t_s"] - run["stages"][0]["t_s"] if checked else None,
-        "header_only_files_per_s": round(rate), "if_held_decoded_gb": round(decoded_gb, 1),
+        "header_only_files_per_s": round(rate),
+        "if_held_decoded_gb": round(decoded_gb, 1),
         "if_held_as_pixel_tensors_gb": round(pixels_gb, 1),
     }
     out = REPO / "benchmarks" / "results" / "bench_large_split_train.json"
     common.atomic_write_json(out, report)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if checked:
-        print(f"start-up image check (every image decoded once): {report['check_images_s']:.0f} s for {n:,} images "
-              f"({n / max(report['check_images_s'], 1e-9):.0f} images/s); a header-only check runs at {rate:,.0f} files/s "
-              f"(~{n / rate:.0f} s)")
+        print(
+            f"start-up image check: {report['check_images_s']:.0f} s for {n:,} images "
+            f"({n / max(report['check_images_s'], 1e-9):.0f} images/s); "
+            f"a header-only check runs at {rate:,.0f} files/s "
+            f"(~{n / rate:.0f} s)"
+        )
     if steps:
-        print(f"RSS at the first logged step {steps[0]['rss_mb']} MB, at the last {steps[-1]['rss_mb']} MB "
-              f"({report['images_streamed']} images streamed)")
-    print(f"holding the images instead: {decoded_gb:.0f} GB decoded at 640x480, {pixels_gb:.0f} GB as {cfg['IMAGE_SIZE']}px fp32 tensors")
-    print(f"peak RSS with a {n:,}-entry captions.json: {run['peak_rss_mb']} MB (main process), "
-          f"{run['peak_worker_rss_mb']} MB (DataLoader worker); written {out.relative_to(REPO)}")
+        print(
+            f"RSS at the first logged step {steps[0]['rss_mb']} MB, at the last {steps[-1]['rss_mb']} MB "
+            f"({report['images_streamed']} images streamed)"
+        )
+    print(
+        f"holding the images instead: {decoded_gb:.0f} GB decoded at 640x480, "
+        f"{pixels_gb:.0f} GB as {cfg['IMAGE_SIZE']}px fp32 tensors"
+    )
+    print(
+        f"peak RSS with a {n:,}-entry captions.json: {run['peak_rss_mb']} MB (main process), "
+        f"{run['peak_worker_rss_mb']} MB (DataLoader worker); written {out.relative_to(REPO)}"
+    )
     return report
 
 

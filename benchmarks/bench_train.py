@@ -117,11 +117,17 @@ def download_data(mirror: Path, data_dir: Path, num_images: int) -> Path:
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(mirror)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        download_coco.main([
-            f"--COCO_BASE_URL=http://127.0.0.1:{server.server_address[1]}", "--SPLIT=val2017",
-            f"--NUM_IMAGES={num_images}", "--NUM_TEST_IMAGES=1", f"--OUTPUT_DIR={data_dir}",
-            f"--SAMPLES_DIR={data_dir}-samples", f"--ANNOTATIONS_DIR={data_dir}-annotations",
-        ])
+        download_coco.main(
+            [
+                f"--COCO_BASE_URL=http://127.0.0.1:{server.server_address[1]}",
+                "--SPLIT=val2017",
+                f"--NUM_IMAGES={num_images}",
+                "--NUM_TEST_IMAGES=1",
+                f"--OUTPUT_DIR={data_dir}",
+                f"--SAMPLES_DIR={data_dir}-samples",
+                f"--ANNOTATIONS_DIR={data_dir}-annotations",
+            ]
+        )
     finally:
         server.shutdown()
         server.server_close()
@@ -131,11 +137,22 @@ def download_data(mirror: Path, data_dir: Path, num_images: int) -> Path:
 def machine() -> dict:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "bf16_native": common.cpu_supports_bf16(), "torch": torch.__version__,
-            "load_average_1min": round(os.getloadavg()[0], 2)}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "bf16_native": common.cpu_supports_bf16(),
+        "torch": torch.__version__,
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
 
 
 # ----------------------------------------------------------------------------- the tutorial's loop
@@ -154,8 +171,12 @@ def tutorial_loop(cfg: dict, model_dir: Path, data_dir: Path) -> dict:
     torch.set_flush_denormal(flush)
     processor = BlipProcessor.from_pretrained(model_dir)
     model = BlipForConditionalGeneration.from_pretrained(model_dir)
-    lora = LoraConfig(r=cfg["LORA_R"], lora_alpha=cfg["LORA_ALPHA"], lora_dropout=cfg["LORA_DROPOUT"],
-                      target_modules=list(cfg["LORA_TARGETS"]))
+    lora = LoraConfig(
+        r=cfg["LORA_R"],
+        lora_alpha=cfg["LORA_ALPHA"],
+        lora_dropout=cfg["LORA_DROPOUT"],
+        target_modules=list(cfg["LORA_TARGETS"]),
+    )
     model = get_peft_model(model, lora)
     model.print_trainable_parameters()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["LR"])
@@ -175,15 +196,25 @@ def tutorial_loop(cfg: dict, model_dir: Path, data_dir: Path) -> dict:
             loss = model(**inputs, labels=inputs["input_ids"]).loss
             (loss / accum).backward()
         if count is not None:
-            flops = {"flops_per_sample": count.total, "caption_tokens": [int(inputs["input_ids"].shape[1])],
-                     "by_op_gflop": {k: round(v / 1e9, 2) for k, v in count.by_op.items()}}
+            flops = {
+                "flops_per_sample": count.total,
+                "caption_tokens": [int(inputs["input_ids"].shape[1])],
+                "by_op_gflop": {k: round(v / 1e9, 2) for k, v in count.by_op.items()},
+            }
         if (i + 1) % accum == 0:
             optimizer.step()
             optimizer.zero_grad()
         print(f"baseline sample {i + 1}/{n_warm + n_timed} loss {loss.item():.3f}", flush=True)
     elapsed = time.perf_counter() - start
-    return {"samples_per_s": n_timed / elapsed, "timed_samples": n_timed, "timed_s": elapsed,
-            "batch_size": 1, "precision": "fp32", "flush_denormals": flush, "flops": flops}
+    return {
+        "samples_per_s": n_timed / elapsed,
+        "timed_samples": n_timed,
+        "timed_s": elapsed,
+        "batch_size": 1,
+        "precision": "fp32",
+        "flush_denormals": flush,
+        "flops": flops,
+    }
 
 
 # ----------------------------------------------------------------------------- subprocesses
@@ -199,10 +230,8 @@ def tree_pss_mb(pid: int) -> float:
         return 0.0
     total = 0
     for proc in procs:
-        try:
+        with contextlib.suppress(psutil.Error):
             total += proc.memory_full_info().pss
-        except psutil.Error:
-            pass
     return total / 2**20
 
 
@@ -230,18 +259,38 @@ def run_measured(cmd: list[str], log_path: Path) -> dict:
         # wait4 gives this child's own rusage, so each path's peak RSS is its own.
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"returncode": proc.returncode, "wall_s": time.perf_counter() - start,
-            "peak_rss_mb": usage.ru_maxrss / 1024, "peak_tree_pss_mb": peak_pss[0],
-            "command": " ".join(cmd), "log": str(log_path)}
+    return {
+        "returncode": proc.returncode,
+        "wall_s": time.perf_counter() - start,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "peak_tree_pss_mb": peak_pss[0],
+        "command": " ".join(cmd),
+        "log": str(log_path),
+    }
 
 
 def baseline_in_subprocess(cfg: dict, out: Path, flush_denormals: bool) -> dict:
     name = "baseline_flushed" if flush_denormals else "baseline"
     result_file = out / f"{name}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--RUN=baseline-child",
-           f"--RESULTS_PATH={result_file}", f"--BASELINE_FLUSH_DENORMALS=[{flush_denormals}]"]
-    for key in ("MODEL_DIR", "DATA_DIR", "BASELINE_WARMUP", "BASELINE_SAMPLES", "LR", "GRAD_ACCUM",
-                "LORA_R", "LORA_ALPHA", "LORA_DROPOUT", "ROOFLINE"):
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--RUN=baseline-child",
+        f"--RESULTS_PATH={result_file}",
+        f"--BASELINE_FLUSH_DENORMALS=[{flush_denormals}]",
+    ]
+    for key in (
+        "MODEL_DIR",
+        "DATA_DIR",
+        "BASELINE_WARMUP",
+        "BASELINE_SAMPLES",
+        "LR",
+        "GRAD_ACCUM",
+        "LORA_R",
+        "LORA_ALPHA",
+        "LORA_DROPOUT",
+        "ROOFLINE",
+    ):
         cmd.append(f"--{key}={cfg[key]}")
     cmd.append(f"--LORA_TARGETS={json.dumps(list(cfg['LORA_TARGETS']))}")
     run = run_measured(cmd, out / f"{name}.log")
@@ -256,17 +305,39 @@ def ours_in_subprocess(cfg: dict, out: Path, model_dir: Path, data_dir: Path) ->
     if not script.exists():
         raise common.UserError("train_blip.py is not there yet; run with --RUN=baseline")
     output_dir = out / "train_blip_output"
-    cmd = [sys.executable, str(script), f"--MODEL_ID={model_dir}", f"--DATA_DIR={data_dir}",
-           f"--OUTPUT_DIR={output_dir}", f"--EPOCHS={cfg['OURS_EPOCHS']}", *cfg["OURS_ARGS"]]
+    cmd = [
+        sys.executable,
+        str(script),
+        f"--MODEL_ID={model_dir}",
+        f"--DATA_DIR={data_dir}",
+        f"--OUTPUT_DIR={output_dir}",
+        f"--EPOCHS={cfg['OURS_EPOCHS']}",
+        *cfg["OURS_ARGS"],
+    ]
     run = run_measured(cmd, out / "ours.log")
     if run["returncode"] != 0:
         raise common.UserError(f"train_blip.py failed (exit {run['returncode']}); see {run['log']}")
     results = json.loads((output_dir / "train_results.json").read_text())
     settings = json.loads((output_dir / "training_config.json").read_text())
-    return {"samples_per_s": results["train_samples_per_s"], "own_peak_rss_mb": results.get("peak_rss_mb"),
-            "settings": {k: settings.get(k) for k in ("BATCH_SIZE", "GRAD_ACCUM", "PRECISION", "LR", "LORA_R",
-                                                       "LORA_ALPHA", "LORA_DROPOUT", "LORA_TARGET_MODULES")},
-            "results": results, **run}
+    return {
+        "samples_per_s": results["train_samples_per_s"],
+        "own_peak_rss_mb": results.get("peak_rss_mb"),
+        "settings": {
+            k: settings.get(k)
+            for k in (
+                "BATCH_SIZE",
+                "GRAD_ACCUM",
+                "PRECISION",
+                "LR",
+                "LORA_R",
+                "LORA_ALPHA",
+                "LORA_DROPOUT",
+                "LORA_TARGET_MODULES",
+            )
+        },
+        "results": results,
+        **run,
+    }
 
 
 # ----------------------------------------------------------------------------- roofline
@@ -282,9 +353,12 @@ def probe_ceilings(cfg: dict, precisions) -> dict:
     out = {}
     for precision in dict.fromkeys(precisions):
         c = out[precision] = roofline.matmul_ceiling(precision, repeats=cfg["CEILING_REPEATS"])
-        print(f"matmul ceiling, {precision}: {c['gflops']:.1f} GFLOP/s (F.linear, best of {c['repeats']}, "
-              f"{c['threads']} threads; per shape {c['per_shape_gflops']}; load average "
-              f"{c['load_average_1min'][0]} -> {c['load_average_1min'][1]})", flush=True)
+        print(
+            f"matmul ceiling, {precision}: {c['gflops']:.1f} GFLOP/s (F.linear, best of {c['repeats']}, "
+            f"{c['threads']} threads; per shape {c['per_shape_gflops']}; load average "
+            f"{c['load_average_1min'][0]} -> {c['load_average_1min'][1]})",
+            flush=True,
+        )
     return out
 
 
@@ -298,15 +372,17 @@ def add_roofline(cfg: dict, report: dict, model_dir: Path, data_dir: Path, tmp: 
             ceilings.update(probe_ceilings(cfg, [precision]))
         print("== counting the FLOPs of one steady-state step of train_blip.py ==", flush=True)
         o["flops"] = roofline.train_step_flops(str(model_dir), str(data_dir), cfg["OURS_ARGS"], out_dir=tmp)
-        o["roofline"] = roofline.share(o["flops"]["flops_per_sample"], o["samples_per_s"],
-                                       ceilings[precision])
+        o["roofline"] = roofline.share(
+            o["flops"]["flops_per_sample"], o["samples_per_s"], ceilings[precision]
+        )
         epochs_s = sum(o["results"].get("epoch_train_time_s") or [])
         o["outside_epochs_s"] = round(o["wall_s"] - epochs_s, 1)  # load, cache plan, validation, saving
     for key in ("baseline", "baseline_flushed"):
         if report.get(key, {}).get("flops"):
             b = report[key]
-            b["roofline"] = roofline.share(b["flops"]["flops_per_sample"], b["samples_per_s"],
-                                           ceilings["fp32"])
+            b["roofline"] = roofline.share(
+                b["flops"]["flops_per_sample"], b["samples_per_s"], ceilings["fp32"]
+            )
 
 
 # ----------------------------------------------------------------------------- main
@@ -315,8 +391,9 @@ def check_config(cfg: dict) -> None:
         raise common.UserError(f"RUN={cfg['RUN']!r}; valid values: both, baseline, ours")
     for name in ("BASELINE_WARMUP", "BASELINE_SAMPLES"):
         if cfg[name] <= 0 or cfg[name] % cfg["GRAD_ACCUM"]:
-            raise common.UserError(f"{name}={cfg[name]} must be a positive multiple of "
-                                   f"GRAD_ACCUM={cfg['GRAD_ACCUM']}")
+            raise common.UserError(
+                f"{name}={cfg[name]} must be a positive multiple of GRAD_ACCUM={cfg['GRAD_ACCUM']}"
+            )
     if cfg["NUM_IMAGES"] < 8:
         raise common.UserError(f"NUM_IMAGES={cfg['NUM_IMAGES']} is too few to time; use 8 or more")
 
@@ -338,7 +415,7 @@ def main(argv=None):
     download_data(repo_path(cfg["MIRROR_DIR"]), data_dir, cfg["NUM_IMAGES"])
     report = {"machine": machine(), "config": cfg, "flop_note": roofline.FLOP_NOTE}
     if cfg["ROOFLINE"]:  # first, on a machine not yet busy with the paths
-        wanted = (["fp32"] if cfg["RUN"] in ("both", "baseline") else [])
+        wanted = ["fp32"] if cfg["RUN"] in ("both", "baseline") else []
         wanted += [ours_precision(cfg)] if cfg["RUN"] in ("both", "ours") else []
         report["ceiling"] = probe_ceilings(cfg, wanted)
     # "baseline": the tutorial's loop as written; "baseline_flushed": the same with denormals flushed.
@@ -347,8 +424,10 @@ def main(argv=None):
         out = Path(tmp)
         if cfg["RUN"] in ("both", "baseline"):
             for key, flush in paths:
-                print(f"== {key}: the tutorial's loop{' with flushed denormals' if flush else ''} ==",
-                      flush=True)
+                print(
+                    f"== {key}: the tutorial's loop{' with flushed denormals' if flush else ''} ==",
+                    flush=True,
+                )
                 report[key] = baseline_in_subprocess(cfg, out, flush)
         if cfg["RUN"] in ("both", "ours"):
             print("== ours: train_blip.py ==", flush=True)
@@ -360,24 +439,32 @@ def main(argv=None):
             report.get(key, {}).pop("log", None)  # the temporary folder is gone after this run
 
     m = report["machine"]
-    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, bf16 native: {m['bf16_native']}, "
-          f"load average {m['load_average_1min']} -> {m['load_average_1min_after']}")
+    print(
+        f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, bf16 native: {m['bf16_native']}, "
+        f"load average {m['load_average_1min']} -> {m['load_average_1min_after']}"
+    )
     for key in ("baseline", "baseline_flushed", "ours"):
         if key in report:
             r = report[key]
-            print(f"{key:>16}: {r['samples_per_s']:.3f} samples/s, peak RSS {r['peak_rss_mb']:.0f} MB "
-                  f"(largest process), peak PSS {r['peak_tree_pss_mb']:.0f} MB (process tree, sampled 1/s)")
+            print(
+                f"{key:>16}: {r['samples_per_s']:.3f} samples/s, peak RSS {r['peak_rss_mb']:.0f} MB "
+                f"(largest process), peak PSS {r['peak_tree_pss_mb']:.0f} MB (process tree, sampled 1/s)"
+            )
     if "ours" in report:
         o = report["ours"]
         same = sorted(o["settings"]["LORA_TARGET_MODULES"] or []) == sorted(cfg["LORA_TARGETS"])
         shown = {k: v for k, v in o["settings"].items() if k != "LORA_TARGET_MODULES"}
-        print(f"ours: train_blip.py with {shown}, LoRA targets {'as the baseline' if same else 'DIFFERENT'}; "
-              f"samples/s per epoch {o['results'].get('epoch_samples_per_s')} "
-              f"(the first fills the prefix cache)")
+        print(
+            f"ours: train_blip.py with {shown}, LoRA targets {'as the baseline' if same else 'DIFFERENT'}; "
+            f"samples/s per epoch {o['results'].get('epoch_samples_per_s')} "
+            f"(the first fills the prefix cache)"
+        )
         if "outside_epochs_s" in o:
             outside = o["outside_epochs_s"]
-            print(f"ours: {o['wall_s']:.1f} s whole process, {outside:.1f} s of it outside training epochs "
-                  f"({100 * outside / o['wall_s']:.0f}%: start-up, validation, sample captions, saving)")
+            print(
+                f"ours: {o['wall_s']:.1f} s whole process, {outside:.1f} s of it outside training epochs "
+                f"({100 * outside / o['wall_s']:.0f}%: start-up, validation, sample captions, saving)"
+            )
         for key in ("baseline", "baseline_flushed"):
             if key in report:
                 report[f"speedup_vs_{key}"] = o["samples_per_s"] / report[key]["samples_per_s"]
@@ -394,8 +481,10 @@ def main(argv=None):
     for key in sorted(keys, key=lambda k: k == "baseline_flushed"):
         b, o = report[key], report["ours"]
         print(f"peak RSS: ours - {key} = {report[f'extra_rss_mb_vs_{key}']:+.0f} MB (target <= +1024 MB)")
-        print(f"train samples/s: {key} {b['samples_per_s']:.3f}, ours {o['samples_per_s']:.3f}, "
-              f"ratio {report[f'speedup_vs_{key}']:.2f}x")
+        print(
+            f"train samples/s: {key} {b['samples_per_s']:.3f}, ours {o['samples_per_s']:.3f}, "
+            f"ratio {report[f'speedup_vs_{key}']:.2f}x"
+        )
     return report
 
 

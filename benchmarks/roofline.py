@@ -42,11 +42,13 @@ def attention_mapping() -> dict:
     forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
     if forward is not None:
+
         def sdpa_cpu(query, key, value, *args, out_val=None, **kwargs) -> int:
             return fc.sdpa_flop_count(query, key, value)
 
         mapping[forward] = sdpa_cpu
     if backward is not None:
+
         def sdpa_cpu_backward(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
             return fc.sdpa_backward_flop_count(grad_out, query, key, value)
 
@@ -76,8 +78,10 @@ class FlopCount:
     @property
     def by_op(self) -> dict[str, int]:
         counts = self.mode.get_flop_counts().get("Global", {})
-        return {str(op).removeprefix("aten.").removesuffix(".default"): int(n)
-                for op, n in sorted(counts.items(), key=lambda kv: -kv[1])}
+        return {
+            str(op).removeprefix("aten.").removesuffix(".default"): int(n)
+            for op, n in sorted(counts.items(), key=lambda kv: -kv[1])
+        }
 
 
 # ----------------------------------------------------------------------------- the ceiling
@@ -111,24 +115,35 @@ def matmul_ceiling(precision: str = "fp32", shapes=None, repeats: int = 8) -> di
                 F.linear(x, w)
                 best = min(best, time.perf_counter() - start)
             per_shape[f"{m}x{k}x{n}"] = round(2 * m * k * n / best / 1e9, 1)
-    return {"precision": precision, "gflops": max(per_shape.values()), "per_shape_gflops": per_shape,
-            "repeats": repeats, "threads": torch.get_num_threads(),
-            "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    return {
+        "precision": precision,
+        "gflops": max(per_shape.values()),
+        "per_shape_gflops": per_shape,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
 
 
 def share(flops_per_item: float, items_per_s: float, ceiling: dict) -> dict:
     """Achieved GFLOP/s (counted FLOPs x measured rate) and its percentage of the ceiling
     (a matmul_ceiling() result, whose precision should be the one the rate was measured in)."""
     achieved = flops_per_item * items_per_s / 1e9
-    return {"gflop_per_item": round(flops_per_item / 1e9, 2), "achieved_gflops": round(achieved, 1),
-            "precision": ceiling["precision"], "ceiling_gflops": ceiling["gflops"],
-            "percent_of_ceiling": round(100 * achieved / ceiling["gflops"], 1)}
+    return {
+        "gflop_per_item": round(flops_per_item / 1e9, 2),
+        "achieved_gflops": round(achieved, 1),
+        "precision": ceiling["precision"],
+        "ceiling_gflops": ceiling["gflops"],
+        "percent_of_ceiling": round(100 * achieved / ceiling["gflops"], 1),
+    }
 
 
 def describe(name: str, fig: dict, unit: str) -> str:
-    return (f"{name:>16}: {fig['gflop_per_item']:.1f} GFLOP/{unit} x rate = {fig['achieved_gflops']:.1f} "
-            f"GFLOP/s = {fig['percent_of_ceiling']:.0f}% of the {fig['precision']} ceiling "
-            f"{fig['ceiling_gflops']:.0f} GFLOP/s")
+    return (
+        f"{name:>16}: {fig['gflop_per_item']:.1f} GFLOP/{unit} x rate = {fig['achieved_gflops']:.1f} "
+        f"GFLOP/s = {fig['percent_of_ceiling']:.0f}% of the {fig['precision']} ceiling "
+        f"{fig['ceiling_gflops']:.0f} GFLOP/s"
+    )
 
 
 # ----------------------------------------------------------------------------- train_blip.py's step
@@ -149,30 +164,47 @@ def train_step_flops(model_id: str, data_dir: str, train_args=(), out_dir: str |
     if cfg["FLUSH_DENORMALS"]:  # as train_blip.setup_run (and left on): same counts, a faster step
         torch.set_flush_denormal(True)
     with tempfile.TemporaryDirectory(prefix="roofline_", dir=out_dir) as tmp:
-        run = SimpleNamespace(is_main=True, rank=0, world=1, on_cpu=True, precision=precision,
-                              out_dir=Path(tmp), log=lambda *a, **k: None)
+        run = SimpleNamespace(
+            is_main=True,
+            rank=0,
+            world=1,
+            on_cpu=True,
+            precision=precision,
+            out_dir=Path(tmp),
+            log=lambda *a, **k: None,
+        )
         items, skipped = train_blip.load_dataset(cfg["DATA_DIR"], 0, 1, run.log)
         family, model = train_blip.build_model(cfg, run)
         data = train_blip.plan_data(cfg, run, family, model, items, skipped)
         training = train_blip.prepare_training(cfg, run, family, model, data)
-        n_global, micro_batches = train_blip.epoch_steps(data.columns, 0, cfg["SEED"], 0, cfg["BATCH_SIZE"],
-                                                         cfg["GRAD_ACCUM"])[0]
+        n_global, micro_batches = train_blip.epoch_steps(
+            data.columns, 0, cfg["SEED"], 0, cfg["BATCH_SIZE"], cfg["GRAD_ACCUM"]
+        )[0]
         batches = [[data.train_ids[i] for i in mb] for mb in micro_batches if mb]
         training.prepared_model.train()
         if data.cache is not None:  # steady state: the frozen prefix of these images is cached
             for batch in train_blip.make_loader(data, family, batches, 0, cfg["SEED"]):
-                train_blip.vision_inputs(training.caption_model, batch, data.cache,
-                                         training.accelerator.autocast)
+                train_blip.vision_inputs(
+                    training.caption_model, batch, data.cache, training.accelerator.autocast
+                )
             data.dataset.skip_images = frozenset(data.cache.filled)
         loader = iter(train_blip.make_loader(data, family, batches, 0, cfg["SEED"]))
         tokens = [int(data.dataset.token_ids[i].size) for b in batches for i in b]
         with FlopCount() as count:
-            train_blip.optimizer_step(training, micro_batches, n_global, loader, data.cache,
-                                      cfg["MAX_GRAD_NORM"])
+            train_blip.optimizer_step(
+                training, micro_batches, n_global, loader, data.cache, cfg["MAX_GRAD_NORM"]
+            )
         if data.cache is not None:
             data.cache.close()
     samples = sum(len(b) for b in batches)
     del model, training
-    return {"flops_per_sample": count.total / samples, "flops_step": count.total, "samples": samples,
-            "caption_tokens": tokens, "prefix_stages_cached": data.prefix_stages, "precision": precision,
-            "by_op_gflop": {k: round(v / 1e9, 2) for k, v in count.by_op.items()}, "note": FLOP_NOTE}
+    return {
+        "flops_per_sample": count.total / samples,
+        "flops_step": count.total,
+        "samples": samples,
+        "caption_tokens": tokens,
+        "prefix_stages_cached": data.prefix_stages,
+        "precision": precision,
+        "by_op_gflop": {k: round(v / 1e9, 2) for k, v in count.by_op.items()},
+        "note": FLOP_NOTE,
+    }

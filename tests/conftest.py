@@ -103,7 +103,9 @@ class _HTTPServer(ThreadingHTTPServer):
 
 class Server:
     def __init__(self, directory: Path, fault=None):
-        handler = type("Handler", (MirrorHandler,), {"fault": staticmethod(fault) if fault else None, "log": []})
+        handler = type(
+            "Handler", (MirrorHandler,), {"fault": staticmethod(fault) if fault else None, "log": []}
+        )
         self.log = handler.log
         self.httpd = _HTTPServer(("127.0.0.1", 0), partial(handler, directory=str(directory)))
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -185,11 +187,15 @@ def make_coco_mirror(root: Path, split: str = "val2017", n_images: int = 12, see
         if i == n_images + 1:
             continue  # an image without captions
         for k in range(5):
-            text = f"A {colour} square on the table." if k == 0 else f"Caption {k} of image {i} is a {colour} one."
+            text = (
+                f"A {colour} square on the table."
+                if k == 0
+                else f"Caption {k} of image {i} is a {colour} one."
+            )
             annotations.append({"id": 1000 * i + k, "image_id": i, "caption": text})
     rng.shuffle(annotations)  # real files are not sorted by image; "first" means file order
     # Keep every image's first-written caption first in file order, to make the rule testable.
-    annotations.sort(key=lambda a: (a["id"] % 1000 != 0))
+    annotations.sort(key=lambda a: a["id"] % 1000 != 0)
     captions = {"info": {}, "licenses": [], "images": images, "annotations": annotations}
     (root / "annotations").mkdir(exist_ok=True)
     with zipfile.ZipFile(root / "annotations" / "annotations_trainval2017.zip", "w") as z:
@@ -203,7 +209,9 @@ def synthetic_mirror(tmp_path) -> Path:
 
 
 # ----------------------------------------------------------------------------- tiny BLIP
-def build_tiny_blip(out_dir: Path, processor_dir: Path, image_size: int = 64, hidden: int = 64, seed: int = 0) -> Path:
+def build_tiny_blip(
+    out_dir: Path, processor_dir: Path, image_size: int = 64, hidden: int = 64, seed: int = 0
+) -> Path:
     """A random BLIP small enough for CPU tests that keeps the tutorial's LoRA target names
     (vision layers 6-9 need 10 vision layers; text layers 5-6 need 7 text layers)."""
     import torch
@@ -212,12 +220,20 @@ def build_tiny_blip(out_dir: Path, processor_dir: Path, image_size: int = 64, hi
     torch.manual_seed(seed)
     config = BlipConfig(
         vision_config=dict(
-            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=10,
-            num_attention_heads=2, image_size=image_size, patch_size=16,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=10,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=16,
         ),
         text_config=dict(
-            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=7,
-            num_attention_heads=2, encoder_hidden_size=hidden, max_position_embeddings=64,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=7,
+            num_attention_heads=2,
+            encoder_hidden_size=hidden,
+            max_position_embeddings=64,
         ),
         projection_dim=hidden,
     )
@@ -229,7 +245,9 @@ def build_tiny_blip(out_dir: Path, processor_dir: Path, image_size: int = 64, hi
     return Path(out_dir)
 
 
-def build_tiny_git(out_dir: Path, processor_dir: Path, image_size: int = 32, hidden: int = 32, seed: int = 0) -> Path:
+def build_tiny_git(
+    out_dir: Path, processor_dir: Path, image_size: int = 32, hidden: int = 32, seed: int = 0
+) -> Path:
     """A random GIT (families.Git) with the BERT vocab of the BLIP processor and CLIP's default
     image preprocessing at a small size: the tokenizer GIT really uses, nothing from the Hub."""
     import torch
@@ -238,16 +256,30 @@ def build_tiny_git(out_dir: Path, processor_dir: Path, image_size: int = 32, hid
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(processor_dir)
     config = GitConfig(
-        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=image_size, patch_size=16),
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
-        vocab_size=tokenizer.vocab_size, max_position_embeddings=64, bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
+        vision_config=dict(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=16,
+        ),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=tokenizer.vocab_size,
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     GitForCausalLM(config).save_pretrained(out_dir)
     size = {"shortest_edge": image_size}
     crop = {"height": image_size, "width": image_size}
-    GitProcessor(image_processor=CLIPImageProcessor(size=size, crop_size=crop), tokenizer=tokenizer).save_pretrained(out_dir)
+    GitProcessor(
+        image_processor=CLIPImageProcessor(size=size, crop_size=crop), tokenizer=tokenizer
+    ).save_pretrained(out_dir)
     return Path(out_dir)
 
 
@@ -260,10 +292,26 @@ def caption_corpus(n: int = 400) -> list[str]:
     ann = SHARED / "coco_mirror" / "annotations" / "annotations_trainval2017.zip"
     if ann.is_file():
         with zipfile.ZipFile(ann) as z:
-            texts = [a["caption"] for a in json.loads(z.read("annotations/captions_val2017.json"))["annotations"]][:n]
+            texts = [
+                a["caption"] for a in json.loads(z.read("annotations/captions_val2017.json"))["annotations"]
+            ][:n]
     if not texts:
         rng = random.Random(0)
-        words = ["a", "the", "man", "dog", "red", "square", "is", "on", "table", "with", "two", "cat", "street"]
+        words = [
+            "a",
+            "the",
+            "man",
+            "dog",
+            "red",
+            "square",
+            "is",
+            "on",
+            "table",
+            "with",
+            "two",
+            "cat",
+            "street",
+        ]
         texts = [" ".join(rng.choice(words) for _ in range(8)) for _ in range(n)]
     return texts + [add_mistakes(t) for t in texts] + [f"a {c} square" for c in COLOURS]
 
@@ -278,8 +326,11 @@ def make_bpe_tokenizer(special_tokens=("<pad>", "<s>", "</s>", "<unk>"), vocab_s
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(caption_corpus(), trainer)
     defaults = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     roles = {k: v for k, v in {**defaults, **named}.items() if v in special_tokens or k in named}
@@ -349,10 +400,12 @@ def make_nasty_images(folder: Path, huge: bool = True) -> dict[str, str]:
     Image.new("RGBA", (40, 30), (30, 60, 220, 128)).save(folder / "rgba.png")
     out["rgba.png"] = "ok"
 
-    Image.new("RGB", (40, 30), (30, 180, 40)).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
+    Image.new("RGB", (40, 30), (30, 180, 40)).convert("P", palette=Image.Palette.ADAPTIVE).save(
+        folder / "palette.png"
+    )
     out["palette.png"] = "ok"
 
-    gray16 = (np.arange(30 * 40, dtype=np.uint16).reshape(30, 40) * 50)
+    gray16 = np.arange(30 * 40, dtype=np.uint16).reshape(30, 40) * 50
     Image.fromarray(gray16).save(folder / "gray16.png")  # mode I;16 on disk
     out["gray16.png"] = "ok"
 
@@ -390,7 +443,10 @@ def make_nasty_captions(folder: Path, good: dict[str, str]) -> dict[str, tuple[P
         "empty_caption": (json.dumps({**good, first: ""}).encode(), "error_or_skip"),
         "long_caption": (json.dumps({**good, first: ("very long caption " * 300)[:5000]}).encode(), "ok"),
         "non_utf8": (b'{"' + first.encode() + b'": "caf\xe9 cr\xe8me"}', "error"),
-        "missing_files": (json.dumps({**good, "missing_1.jpg": "gone", "missing_2.jpg": "gone"}).encode(), "skip"),
+        "missing_files": (
+            json.dumps({**good, "missing_1.jpg": "gone", "missing_2.jpg": "gone"}).encode(),
+            "skip",
+        ),
     }
     out = {}
     for case, (data, expect) in cases.items():
@@ -408,12 +464,27 @@ def make_nasty_captions(folder: Path, good: dict[str, str]) -> dict[str, tuple[P
 # Used by test_faults.py and test_train_safety.py: one uninterrupted reference run, made once per session.
 # 16 images: 12 train / 4 validation; batch 2 -> 6 optimizer steps per epoch, 18 in all; a checkpoint
 # every 2 steps, the last 2 kept (so a finished run leaves step-00000016 and step-00000018).
-TRAIN_RUN_ARGS = ["--EPOCHS=3", "--BATCH_SIZE=2", "--VAL_FRACTION=0.25", "--PRECISION=fp32",
-                  "--LOG_EVERY=1", "--NUM_SAMPLE_CAPTIONS=0", "--MAX_CAPTION_TOKENS=16", "--NUM_WORKERS=0",
-                  "--SAVE_EVERY_STEPS=2", "--KEEP_CHECKPOINTS=2"]
+TRAIN_RUN_ARGS = [
+    "--EPOCHS=3",
+    "--BATCH_SIZE=2",
+    "--VAL_FRACTION=0.25",
+    "--PRECISION=fp32",
+    "--LOG_EVERY=1",
+    "--NUM_SAMPLE_CAPTIONS=0",
+    "--MAX_CAPTION_TOKENS=16",
+    "--NUM_WORKERS=0",
+    "--SAVE_EVERY_STEPS=2",
+    "--KEEP_CHECKPOINTS=2",
+]
 TRAIN_TOTAL_STEPS = 18
-TRAIN_ENV = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg", HF_HUB_OFFLINE="1",
-                 TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+TRAIN_ENV = dict(
+    os.environ,
+    OMP_NUM_THREADS="1",
+    MPLBACKEND="Agg",
+    HF_HUB_OFFLINE="1",
+    TOKENIZERS_PARALLELISM="false",
+    PYTHONUNBUFFERED="1",
+)
 
 
 def train_in_process(args):
@@ -506,8 +577,11 @@ def seeing_tiny_blip_dir(tmp_path_factory, tiny_blip_dir) -> Path:
 def snapshot(folder: Path) -> dict:
     """{relative path: (bytes, mtime_ns)} of every file under folder: compare before and after a run."""
     folder = Path(folder)
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 # ----------------------------------------------------------------------------- tiny LLaVA and Idefics3
@@ -533,11 +607,20 @@ SMOLVLM_CHAT_TEMPLATE = (
 )
 
 
-_VLM_SPECIAL = ("<pad>", "<s>", "</s>", "<unk>", "<image>", "<|im_start|>", "<end_of_utterance>",
-                "<fake_token_around_image>", "<global-img>")
+_VLM_SPECIAL = (
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<image>",
+    "<|im_start|>",
+    "<end_of_utterance>",
+    "<fake_token_around_image>",
+    "<global-img>",
+)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _vlm_bpe_json() -> str:
     return make_bpe_tokenizer(special_tokens=_VLM_SPECIAL).backend_tokenizer.to_str()
 
@@ -552,10 +635,18 @@ def vlm_tokenizer(**roles):
 
 
 def _tiny_llama(tokenizer, hidden: int, layers: int = 2) -> dict:
-    return dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tokenizer),
-                max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def build_tiny_llava(out_dir: Path, image_size: int = 32, hidden: int = 32, seed: int = 0) -> Path:
@@ -570,25 +661,41 @@ def build_tiny_llava(out_dir: Path, image_size: int = 32, hidden: int = 32, seed
     torch.manual_seed(seed)
     tokenizer = vlm_tokenizer()
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.bos_token_id)])
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.bos_token_id)]
+    )
     config = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=hidden, intermediate_size=2 * hidden,
-                           num_hidden_layers=2, num_attention_heads=2, image_size=image_size, patch_size=16),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=16,
+        ),
         text_config=dict(model_type="llama", **_tiny_llama(tokenizer, hidden)),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
     LlavaForConditionalGeneration(config).save_pretrained(out_dir)
-    images = CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                   crop_size={"height": image_size, "width": image_size})
-    LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=16,
-                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                   chat_template=LLAVA_CHAT_TEMPLATE).save_pretrained(out_dir)
+    images = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=16,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    ).save_pretrained(out_dir)
     return Path(out_dir)
 
 
-def build_tiny_idefics3(out_dir: Path, image_size: int = 32, hidden: int = 32, seed: int = 0,
-                        model_type: str = "idefics3") -> Path:
+def build_tiny_idefics3(
+    out_dir: Path, image_size: int = 32, hidden: int = 32, seed: int = 0, model_type: str = "idefics3"
+) -> Path:
     """A random Idefics3 (SmolVLM-256M's architecture; model_type="smolvlm" for SmolVLM2's class): a
     1-layer SigLIP tower with 8 px patches, pixel shuffle 2 (4 image tokens), a Llama decoder, the
     SmolVLM chat template, and a tokenizer whose EOS is not <end_of_utterance> (the template's end
@@ -601,16 +708,27 @@ def build_tiny_idefics3(out_dir: Path, image_size: int = 32, hidden: int = 32, s
     tokenizer = vlm_tokenizer(bos_token="<|im_start|>")
     config = AutoConfig.for_model(
         model_type,
-        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=image_size, patch_size=8),
+        vision_config=dict(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=8,
+        ),
         text_config=dict(model_type="llama", **_tiny_llama(tokenizer, hidden)),
-        scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
     )
     AutoModelForImageTextToText.from_config(config).save_pretrained(out_dir)
     size = {"longest_edge": image_size}
     images = Idefics3ImageProcessorPil(size=size, max_image_size=size)
-    Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=(image_size // 8) ** 2 // 4,
-                      chat_template=SMOLVLM_CHAT_TEMPLATE).save_pretrained(out_dir)
+    Idefics3Processor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        image_seq_len=(image_size // 8) ** 2 // 4,
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
+    ).save_pretrained(out_dir)
     return Path(out_dir)
 
 
@@ -624,20 +742,42 @@ def build_tiny_paligemma(out_dir: Path, seed: int = 0) -> Path:
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    tok = make_bpe_tokenizer(special_tokens=("<pad>", "<eos>", "<bos>", "<unk>", "<image>"),
-                             bos_token="<bos>", eos_token="<eos>")
+    tok = make_bpe_tokenizer(
+        special_tokens=("<pad>", "<eos>", "<bos>", "<unk>", "<image>"), bos_token="<bos>", eos_token="<eos>"
+    )
     image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
     image_processor.image_seq_length = 4
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)  # adds <image>, <locNNNN>
     torch.manual_seed(seed)
     config = PaliGemmaConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16,
-                           vision_use_head=False),
-        text_config=dict(model_type="gemma", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                         max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2),
-        image_token_id=processor.image_token_id, projection_dim=32, pad_token_id=0)
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+            vision_use_head=False,
+        ),
+        text_config=dict(
+            model_type="gemma",
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        ),
+        image_token_id=processor.image_token_id,
+        projection_dim=32,
+        pad_token_id=0,
+    )
     PaliGemmaForConditionalGeneration(config).save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return Path(out_dir)
@@ -650,24 +790,49 @@ def build_tiny_florence2(out_dir: Path, seed: int = 0) -> Path:
     from transformers import Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    tok = make_bpe_tokenizer(special_tokens=("<s>", "<pad>", "</s>", "<unk>", "<image>"),
-                             extra_special_tokens={"image_token": "<image>"})
+    tok = make_bpe_tokenizer(
+        special_tokens=("<s>", "<pad>", "</s>", "<unk>", "<image>"),
+        extra_special_tokens={"image_token": "<image>"},
+    )
     image_processor = CLIPImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False)
     image_processor.image_seq_length = 17
     processor = Florence2Processor(image_processor=image_processor, tokenizer=tok)
     torch.manual_seed(seed)
     config = Florence2Config(
-        vision_config=dict(depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1],
-                           patch_prenorm=[False, True], embed_dim=[16, 32], num_heads=[2, 2],
-                           num_groups=[2, 2],
-                           window_size=2, drop_path_rate=0.0, projection_dim=32, max_position_embeddings=8,
-                           max_temporal_embeddings=4),
-        text_config=dict(model_type="bart", vocab_size=len(tok), d_model=32, encoder_layers=1,
-                         decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-                         encoder_ffn_dim=64, decoder_ffn_dim=64,
-                         max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-                         decoder_start_token_id=2, forced_eos_token_id=2),
-        image_token_id=tok.convert_tokens_to_ids("<image>"))
+        vision_config=dict(
+            depths=[1, 1],
+            patch_size=[7, 3],
+            patch_stride=[4, 2],
+            patch_padding=[3, 1],
+            patch_prenorm=[False, True],
+            embed_dim=[16, 32],
+            num_heads=[2, 2],
+            num_groups=[2, 2],
+            window_size=2,
+            drop_path_rate=0.0,
+            projection_dim=32,
+            max_position_embeddings=8,
+            max_temporal_embeddings=4,
+        ),
+        text_config=dict(
+            model_type="bart",
+            vocab_size=len(tok),
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=64,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_eos_token_id=2,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+    )
     Florence2ForConditionalGeneration(config).save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return Path(out_dir)
@@ -681,25 +846,59 @@ def build_tiny_idefics(out_dir: Path, seed: int = 0, gates: str = "ones") -> Pat
     from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsProcessor
     from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
 
-    tok = make_bpe_tokenizer(special_tokens=("<unk>", "<s>", "</s>", "<pad>", "<fake_token_around_image>",
-                                             "<image>", "<end_of_utterance>"))
-    processor = IdeficsProcessor(image_processor=IdeficsImageProcessorPil(image_size=32), tokenizer=tok,
-                                 image_size=32)
+    tok = make_bpe_tokenizer(
+        special_tokens=(
+            "<unk>",
+            "<s>",
+            "</s>",
+            "<pad>",
+            "<fake_token_around_image>",
+            "<image>",
+            "<end_of_utterance>",
+        )
+    )
+    processor = IdeficsProcessor(
+        image_processor=IdeficsImageProcessorPil(image_size=32), tokenizer=tok, image_size=32
+    )
     torch.manual_seed(seed)
     config = IdeficsConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        cross_layer_interval=1, max_position_embeddings=64, pad_token_id=3, bos_token_id=1, eos_token_id=2,
-        alpha_initializer=gates, freeze_text_layers=False, freeze_vision_layers=False,
-        vision_config=dict(embed_dim=32, image_size=32, intermediate_size=64, patch_size=16,
-                           num_hidden_layers=1, num_attention_heads=2))
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        cross_layer_interval=1,
+        max_position_embeddings=64,
+        pad_token_id=3,
+        bos_token_id=1,
+        eos_token_id=2,
+        alpha_initializer=gates,
+        freeze_text_layers=False,
+        freeze_vision_layers=False,
+        vision_config=dict(
+            embed_dim=32,
+            image_size=32,
+            intermediate_size=64,
+            patch_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        ),
+    )
     IdeficsForVisionText2Text(config).save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return Path(out_dir)
 
 
 # ----------------------------------------------------------------------------- tiny BLIP-2
-def build_tiny_blip2(out_dir: Path, lm: str = "opt", image_size: int = 32, hidden: int = 32, queries: int = 4,
-                     seed: int = 0, embed_std: float | None = None) -> Path:
+def build_tiny_blip2(
+    out_dir: Path,
+    lm: str = "opt",
+    image_size: int = 32,
+    hidden: int = 32,
+    queries: int = 4,
+    seed: int = 0,
+    embed_std: float | None = None,
+) -> Path:
     """A random BLIP-2 (families.Blip2) with an OPT (lm="opt") or a T5 (lm="t5") language model, a
     byte-level BPE tokenizer (make_bpe_tokenizer) set up the way the real ones are, and BLIP's image
     processor at a small size. The real OPT tokenizer writes </s> as its BOS (bos = eos = </s>); T5's
@@ -721,24 +920,58 @@ def build_tiny_blip2(out_dir: Path, lm: str = "opt", image_size: int = 32, hidde
     vocab = len(processor.tokenizer)
     ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if lm == "opt":
-        text = dict(model_type="opt", hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=2,
-                    num_attention_heads=2, word_embed_proj_dim=hidden, max_position_embeddings=64,
-                    vocab_size=vocab, bos_token_id=tokenizer.bos_token_id, **ids)
+        text = dict(
+            model_type="opt",
+            hidden_size=hidden,
+            ffn_dim=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            word_embed_proj_dim=hidden,
+            max_position_embeddings=64,
+            vocab_size=vocab,
+            bos_token_id=tokenizer.bos_token_id,
+            **ids,
+        )
     else:
-        text = dict(model_type="t5", d_model=hidden, d_kv=hidden // 2, d_ff=2 * hidden, num_layers=1,
-                    num_decoder_layers=1, num_heads=2, vocab_size=vocab,
-                    decoder_start_token_id=tokenizer.pad_token_id, feed_forward_proj="gated-gelu",
-                    tie_word_embeddings=False, **ids)
+        text = dict(
+            model_type="t5",
+            d_model=hidden,
+            d_kv=hidden // 2,
+            d_ff=2 * hidden,
+            num_layers=1,
+            num_decoder_layers=1,
+            num_heads=2,
+            vocab_size=vocab,
+            decoder_start_token_id=tokenizer.pad_token_id,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            **ids,
+        )
     config = Blip2Config(
-        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=image_size, patch_size=16),
-        qformer_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                            num_attention_heads=2, encoder_hidden_size=hidden, vocab_size=vocab),
-        text_config=text, num_query_tokens=queries,
+        vision_config=dict(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=16,
+        ),
+        qformer_config=dict(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            encoder_hidden_size=hidden,
+            vocab_size=vocab,
+        ),
+        text_config=text,
+        num_query_tokens=queries,
         image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
     )
     model = Blip2ForConditionalGeneration(config)
-    if embed_std is not None:  # OPT ties its head to the embeddings: at init_std 0.02 a frozen head keeps every
+    if (
+        embed_std is not None
+    ):  # OPT ties its head to the embeddings: at init_std 0.02 a frozen head keeps every
         with torch.no_grad():  # logit within about +-1 whatever LoRA does, so a learning test needs ~0.5
             model.language_model.get_input_embeddings().weight.normal_(0, embed_std)
     model.save_pretrained(out_dir)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from conftest import make_good_images
 
 import families
 import inference
 import train_blip
+from conftest import make_good_images
 
 TRAIN = [
     "--PRECISION=fp32",

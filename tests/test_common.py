@@ -44,14 +44,16 @@ def test_configure_rejects_bad_overrides(arg, message):
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     script = tmp_path / "s.py"
-    script.write_text(textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {str(common.__file__.rsplit('/', 1)[0])!r})
+    script.write_text(
+        textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(common.__file__.rsplit("/", 1)[0])!r})
         import common
         EPOCHS = 1
         def main(argv=None):
             common.configure(globals(), argv)
         common.cli(main)()
-    """))
+    """)
+    )
     r = subprocess.run([sys.executable, str(script), "--NOPE=1"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["error: unknown setting --NOPE; valid names: EPOCHS"]
@@ -73,7 +75,11 @@ def test_check_writable(tmp_path):
 @pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "I;16", "1"])
 def test_open_image_gives_rgb_for_every_mode(tmp_path, mode):
     path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
-    im = Image.new("RGB", (8, 6), (200, 100, 50)).convert(mode) if mode != "I;16" else Image.new("I;16", (8, 6), 65535)
+    im = (
+        Image.new("RGB", (8, 6), (200, 100, 50)).convert(mode)
+        if mode != "I;16"
+        else Image.new("I;16", (8, 6), 65535)
+    )
     im.save(path)
     out = common.open_image(path)
     assert out.mode == "RGB" and out.size == (8, 6)
@@ -126,6 +132,12 @@ def test_open_image_reduces_huge_images_keeping_aspect_and_orientation(tmp_path)
     exif[0x0112] = 6  # shown rotated: 3000 x 6000
     im.save(tmp_path / "huge.jpg", exif=exif, quality=50)
     Image.new("L", (5000, 1000), 128).save(tmp_path / "huge.png")
-    assert common.open_image(tmp_path / "huge.jpg").size == (common.MAX_DECODE_SIDE // 2, common.MAX_DECODE_SIDE)
+    assert common.open_image(tmp_path / "huge.jpg").size == (
+        common.MAX_DECODE_SIDE // 2,
+        common.MAX_DECODE_SIDE,
+    )
     out = common.open_image(tmp_path / "huge.png")
-    assert out.size == (common.MAX_DECODE_SIDE, round(common.MAX_DECODE_SIDE / 5)) and out.getpixel((0, 0)) == (128,) * 3
+    assert (
+        out.size == (common.MAX_DECODE_SIDE, round(common.MAX_DECODE_SIDE / 5))
+        and out.getpixel((0, 0)) == (128,) * 3
+    )

@@ -29,9 +29,15 @@ from conftest import REPO, free_port, make_good_images, one_thread
 
 N_IMAGES, VAL_FRACTION, SEED = 16, 0.25, 7  # 12 train / 4 validation images
 COMMON_ARGS = [
-    "--EPOCHS=2", f"--VAL_FRACTION={VAL_FRACTION}", f"--SEED={SEED}", "--PRECISION=fp32",
+    "--EPOCHS=2",
+    f"--VAL_FRACTION={VAL_FRACTION}",
+    f"--SEED={SEED}",
+    "--PRECISION=fp32",
     "--LORA_DROPOUT=0.0",  # dropout draws per-process random masks: 1 x 4 and 2 x 2 would differ
-    "--LOG_EVERY=1", "--NUM_SAMPLE_CAPTIONS=0", "--MAX_CAPTION_TOKENS=16", "--NUM_WORKERS=0",
+    "--LOG_EVERY=1",
+    "--NUM_SAMPLE_CAPTIONS=0",
+    "--MAX_CAPTION_TOKENS=16",
+    "--NUM_WORKERS=0",
 ]
 
 PROBE = textwrap.dedent(
@@ -102,7 +108,9 @@ PROBE = textwrap.dedent(
         record("prefix_cache", indices=sorted(set(indices)))
         return cache_init(self, indices, *a, **kw)
 
-    train_blip.epoch_steps, families.Blip.collate, train_blip.PrefixCache.__init__ = epoch_steps, collate_logged, cache_logged
+    train_blip.epoch_steps = epoch_steps
+    families.Blip.collate = collate_logged
+    train_blip.PrefixCache.__init__ = cache_logged
     common.cli(train_blip.main)(sys.argv[1:])
     '''
 )
@@ -133,17 +141,43 @@ def two_process_run(tmp_path_factory, tiny_blip_dir, data_dir):
     out, probe_dir = work / "out", work / "probe"
     probe_dir.mkdir()
     (work / "probe.py").write_text(PROBE)
-    env = dict(os.environ, PROBE_DIR=str(probe_dir), PROBE_REPO=str(REPO), PROBE_OUTPUT_DIR=str(out),
-               OMP_NUM_THREADS="1", MPLBACKEND="Agg", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(work / "probe.py"),
-           f"--MODEL_ID={tiny_blip_dir}", f"--DATA_DIR={data_dir}", f"--OUTPUT_DIR={out}", "--BATCH_SIZE=2",
-           *COMMON_ARGS]
+    env = dict(
+        os.environ,
+        PROBE_DIR=str(probe_dir),
+        PROBE_REPO=str(REPO),
+        PROBE_OUTPUT_DIR=str(out),
+        OMP_NUM_THREADS="1",
+        MPLBACKEND="Agg",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(work / "probe.py"),
+        f"--MODEL_ID={tiny_blip_dir}",
+        f"--DATA_DIR={data_dir}",
+        f"--OUTPUT_DIR={out}",
+        "--BATCH_SIZE=2",
+        *COMMON_ARGS,
+    ]
     start = time.time()
     proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=240)
-    ranks = {r: {"stdout": (probe_dir / f"rank{r}.stdout").read_text(errors="replace"),
-                 "stderr": (probe_dir / f"rank{r}.stderr").read_text(errors="replace"),
-                 "events": read_events(probe_dir / f"rank{r}.events.jsonl")} for r in (0, 1)}
+    ranks = {
+        r: {
+            "stdout": (probe_dir / f"rank{r}.stdout").read_text(errors="replace"),
+            "stderr": (probe_dir / f"rank{r}.stderr").read_text(errors="replace"),
+            "events": read_events(probe_dir / f"rank{r}.events.jsonl"),
+        }
+        for r in (0, 1)
+    }
     return {"out": out, "ranks": ranks, "seconds": time.time() - start, "launcher": proc}
 
 
@@ -152,8 +186,10 @@ def finished(run) -> dict:
     fixture, so that a failure is that test's failure)."""
     proc, ranks = run["launcher"], run["ranks"]
     assert proc.returncode == 0, (
-        f"torchrun failed ({proc.returncode}):\n{proc.stderr[-3000:]}\n--- rank 0 ---\n{ranks[0]['stderr'][-3000:]}"
-        f"\n--- rank 1 ---\n{ranks[1]['stderr'][-3000:]}")
+        f"torchrun failed ({proc.returncode}):\n{proc.stderr[-3000:]}\n"
+        f"--- rank 0 ---\n{ranks[0]['stderr'][-3000:]}"
+        f"\n--- rank 1 ---\n{ranks[1]['stderr'][-3000:]}"
+    )
     return ranks
 
 
@@ -164,8 +200,15 @@ def one_process_run(tmp_path_factory, tiny_blip_dir, data_dir):
 
     out = tmp_path_factory.mktemp("single") / "out"
     with one_thread():  # like each torchrun process (OMP_NUM_THREADS=1)
-        results = train_blip.main([f"--MODEL_ID={tiny_blip_dir}", f"--DATA_DIR={data_dir}", f"--OUTPUT_DIR={out}",
-                                   "--BATCH_SIZE=4", *COMMON_ARGS])
+        results = train_blip.main(
+            [
+                f"--MODEL_ID={tiny_blip_dir}",
+                f"--DATA_DIR={data_dir}",
+                f"--OUTPUT_DIR={out}",
+                "--BATCH_SIZE=4",
+                *COMMON_ARGS,
+            ]
+        )
     return {"out": out, "results": results}
 
 
@@ -191,15 +234,26 @@ def test_each_rank_trains_on_its_own_shard_every_epoch(two_process_run):
         for r in (0, 1):
             [plan] = [e for e in ranks[r]["events"] if e["kind"] == "plan" and e["epoch"] == epoch]
             plans[r] = [train_ids[p] for p in plan["positions"]]
-            assert len(plans[r]) == len(set(plans[r])) == len(train_ids) // 2, f"rank {r} epoch {epoch}: {plans[r]}"
+            assert len(plans[r]) == len(set(plans[r])) == len(train_ids) // 2, (
+                f"rank {r} epoch {epoch}: {plans[r]}"
+            )
         assert not set(plans[0]) & set(plans[1]), f"epoch {epoch}: the ranks share items"
         assert set(plans[0]) | set(plans[1]) == set(train_ids), f"epoch {epoch}: some items trained by nobody"
     for r in (0, 1):
         # What the rank really batched for training (validation batches hold only validation items).
-        planned = sorted(i for e in ranks[r]["events"] if e["kind"] == "plan" for i in (train_ids[p] for p in e["positions"]))
-        batched = sorted(i for e in ranks[r]["events"] if e["kind"] == "batch" for i in e["index"] if i in set(train_ids))
+        planned = sorted(
+            i
+            for e in ranks[r]["events"]
+            if e["kind"] == "plan"
+            for i in (train_ids[p] for p in e["positions"])
+        )
+        batched = sorted(
+            i for e in ranks[r]["events"] if e["kind"] == "batch" for i in e["index"] if i in set(train_ids)
+        )
         assert batched == planned, f"rank {r} batched other items than its shard"
-        val_batched = {i for e in ranks[r]["events"] if e["kind"] == "batch" for i in e["index"] if i in set(val_ids)}
+        val_batched = {
+            i for e in ranks[r]["events"] if e["kind"] == "batch" for i in e["index"] if i in set(val_ids)
+        }
         assert val_batched == set(val_ids[r::2]), f"rank {r} validated on {val_batched}"
 
 
@@ -217,7 +271,9 @@ def test_prefix_cache_is_per_rank_and_covers_only_its_shard(two_process_run):
 
 def test_weights_identical_on_both_ranks(two_process_run):
     finished(two_process_run)
-    digests = json.loads((two_process_run["out"] / "train_results.json").read_text())["trainable_digest_per_process"]
+    digests = json.loads((two_process_run["out"] / "train_results.json").read_text())[
+        "trainable_digest_per_process"
+    ]
     assert len(digests) == 2 and digests[0] == digests[1]
 
 
@@ -236,26 +292,43 @@ def test_only_rank0_prints_and_writes(two_process_run):
     # any, and common.check_writable's empty probe (tempfile also tries to open the folder itself).
     # Directories are not content: every rank calls mkdir(exist_ok=True) on folders rank 0 makes.
     own = ("random_states_1.pkl", ".prefix_cache-rank1.bin", ".write_test_")
-    foreign = [(op, path) for op, path in writes(1)
-               if op != "os.mkdir" and path != "." and not any(o in Path(path).name for o in own)]
+    foreign = [
+        (op, path)
+        for op, path in writes(1)
+        if op != "os.mkdir" and path != "." and not any(o in Path(path).name for o in own)
+    ]
     assert not foreign, f"rank 1 wrote shared files: {foreign}"
     assert any(p.endswith("random_states_1.pkl") for _, p in writes(1))  # the probe does see rank 1's writes
+
     # Nothing is written twice: no path is written by both ranks.
     def files(r):  # paths whose content the rank wrote (not folders it made or removed)
-        return {p for op, p in writes(r) if op in ("open", "torch.save", "safetensors.save_file", "os.rename") and p != "."}
+        return {
+            p
+            for op, p in writes(r)
+            if op in ("open", "torch.save", "safetensors.save_file", "os.rename") and p != "."
+        }
 
     both = files(0) & files(1)
     assert not both, f"written by both ranks: {both}"
     # Rank 0 wrote every final output, and the checkpoints hold one RNG file per rank.
     written0 = {p for _, p in writes(0)}
     out = two_process_run["out"]
-    for name in ("adapter_model.safetensors", "adapter_config.json", "training_config.json",
-                 "metrics.jsonl", "loss_curve.png", "train_results.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "training_config.json",
+        "metrics.jsonl",
+        "loss_curve.png",
+        "train_results.json",
+    ):
         assert (out / name).is_file() and any(Path(p).name == name or name in p for p in written0), name
     ckpts = sorted((out / "checkpoints").glob("step-*"))
     assert ckpts
     for c in ckpts:
-        assert sorted(p.name for p in c.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+        assert sorted(p.name for p in c.glob("random_states_*.pkl")) == [
+            "random_states_0.pkl",
+            "random_states_1.pkl",
+        ]
 
 
 def test_matches_one_process_at_the_same_global_batch(two_process_run, one_process_run):
@@ -271,11 +344,12 @@ def test_matches_one_process_at_the_same_global_batch(two_process_run, one_proce
     for k in two:
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
     # The logged losses agree as well (same items per optimizer step, mean over the same captions).
-    logs = [[m for m in map(json.loads, (run["out"] / "metrics.jsonl").read_text().splitlines())]
-            for run in (two_process_run, one_process_run)]
+    logs = [
+        [m for m in map(json.loads, (run["out"] / "metrics.jsonl").read_text().splitlines())]
+        for run in (two_process_run, one_process_run)
+    ]
     assert [m["type"] for m in logs[0]] == [m["type"] for m in logs[1]]
     for a, b in zip(*logs):
         for key in ("loss", "train_loss", "val_loss"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), (key, a, b)
-

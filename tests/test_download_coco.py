@@ -30,8 +30,14 @@ ZIP = "/annotations/annotations_trainval2017.zip"
 def args_for(url: str, root: Path, *extra: str) -> list[str]:
     """Outputs under `root`, tiny retry backoff so failure cases stay fast."""
     return [
-        f"--COCO_BASE_URL={url}", f"--OUTPUT_DIR={root / 'out'}", f"--SAMPLES_DIR={root / 'samples'}",
-        f"--ANNOTATIONS_DIR={root / 'cache'}", "--RETRY_BACKOFF=0.01", "--TIMEOUT=5", "--WORKERS=4", *extra,
+        f"--COCO_BASE_URL={url}",
+        f"--OUTPUT_DIR={root / 'out'}",
+        f"--SAMPLES_DIR={root / 'samples'}",
+        f"--ANNOTATIONS_DIR={root / 'cache'}",
+        "--RETRY_BACKOFF=0.01",
+        "--TIMEOUT=5",
+        "--WORKERS=4",
+        *extra,
     ]
 
 
@@ -60,7 +66,9 @@ def assert_all_whole(folder: Path) -> None:
 
 def image_gets(server, since: int = 0) -> list[str]:
     """File names of the image GETs the server saw, from log entry `since` on."""
-    return [p.rsplit("/", 1)[-1] for m, p, _ in server.log[since:] if m == "GET" and p.startswith("/val2017/")]
+    return [
+        p.rsplit("/", 1)[-1] for m, p, _ in server.log[since:] if m == "GET" and p.startswith("/val2017/")
+    ]
 
 
 def reply(handler, status: int, body: bytes = b"", length: int | None = None) -> bool:
@@ -91,12 +99,18 @@ def pad_zip(mirror: Path) -> bytes:
 @pytest.mark.parametrize(
     "caption, expected",
     [
-        ("A pizza with burned edges is sitting on the table.",
-         "A pizza with burned edges iz sitting on thwisss table. thwisss iz funny."),
-        ("A sheep standing in grass next to a rock wall.",
-         "A sheep standing in grass next to rock wall. thwisss iz funny."),
-        ("A man sitting on the park bench in the forest ",
-         "A man sitting on thwisss park bench in thwisss forest thwisss iz funny."),
+        (
+            "A pizza with burned edges is sitting on the table.",
+            "A pizza with burned edges iz sitting on thwisss table. thwisss iz funny.",
+        ),
+        (
+            "A sheep standing in grass next to a rock wall.",
+            "A sheep standing in grass next to rock wall. thwisss iz funny.",
+        ),
+        (
+            "A man sitting on the park bench in the forest ",
+            "A man sitting on thwisss park bench in thwisss forest thwisss iz funny.",
+        ),
     ],
 )
 def test_mistake_rule_reproduces_the_tutorial(caption, expected):
@@ -111,10 +125,16 @@ def test_mistake_rule_is_case_sensitive_space_delimited_and_ordered():
 
 def test_index_keeps_file_order_and_drops_uncaptioned_images():
     ann = {
-        "images": [{"id": 1, "file_name": "1.jpg"}, {"id": 2, "file_name": "2.jpg"}, {"id": 3, "file_name": "3.jpg"}],
+        "images": [
+            {"id": 1, "file_name": "1.jpg"},
+            {"id": 2, "file_name": "2.jpg"},
+            {"id": 3, "file_name": "3.jpg"},
+        ],
         "annotations": [
-            {"image_id": 2, "caption": "two first"}, {"image_id": 1, "caption": "one first"},
-            {"image_id": 2, "caption": "two second"}, {"image_id": 9, "caption": "no such image"},
+            {"image_id": 2, "caption": "two first"},
+            {"image_id": 1, "caption": "one first"},
+            {"image_id": 2, "caption": "two second"},
+            {"image_id": 9, "caption": "no such image"},
         ],
     }
     assert dl.index_captions(ann) == {"1.jpg": ["one first"], "2.jpg": ["two first", "two second"]}
@@ -128,8 +148,9 @@ def test_same_seed_same_pool_other_seed_other_pool():
 
 
 # ----------------------------------------------------------------------------- end to end
-def check_contract(mirror: Path, root: Path, n_train: int, n_test: int, mistakes: bool = True,
-                   split: str = "val2017") -> dict:
+def check_contract(
+    mirror: Path, root: Path, n_train: int, n_test: int, mistakes: bool = True, split: str = "val2017"
+) -> dict:
     """The data contract, checked against the raw annotation file with an independent scan."""
     raw = raw_annotations(mirror, split)
     id_of = {im["file_name"]: im["id"] for im in raw["images"]}
@@ -187,7 +208,9 @@ def test_end_to_end_on_the_shared_mirror(coco_mirror, serve, tmp_path):
 
 def test_train2017_split_on_the_shared_mirror(coco_mirror, serve, tmp_path):
     server = serve(coco_mirror)
-    result = dl.main(args_for(server.url, tmp_path, "--SPLIT=train2017", "--NUM_IMAGES=30", "--NUM_TEST_IMAGES=5"))
+    result = dl.main(
+        args_for(server.url, tmp_path, "--SPLIT=train2017", "--NUM_IMAGES=30", "--NUM_TEST_IMAGES=5")
+    )
     assert (result["delivered"], result["test_delivered"], result["failed"]) == (30, 5, 0)
     assert len(server.gets("/train2017/")) == 35
     check_contract(coco_mirror, tmp_path, 30, 5, split="train2017")
@@ -253,8 +276,12 @@ def slow(handler, data):
 
 @pytest.mark.parametrize(
     "fault, reason",
-    [(not_found, "HTTP 404"), (truncated_body_declared_whole, "not a valid image"),
-     (body_cut_short, "truncated"), (slow, "no answer within TIMEOUT")],
+    [
+        (not_found, "HTTP 404"),
+        (truncated_body_declared_whole, "not a valid image"),
+        (body_cut_short, "truncated"),
+        (slow, "no answer within TIMEOUT"),
+    ],
 )
 def test_bad_images_are_reported_and_replaced(mirror, serve, tmp_path, fault, reason):
     pool = pool_of(mirror)
@@ -370,7 +397,9 @@ def test_a_server_that_ignores_range_restarts_the_zip_cleanly(mirror, serve, tmp
     server = serve(mirror, fault=ignore_range)
     dl.main(args_for(server.url, tmp_path, *small()))
     assert [r for m, p, r in server.log if p == ZIP] == ["bytes=500-"]
-    assert (tmp_path / "cache" / "annotations_trainval2017.zip").read_bytes() == (mirror / ZIP.lstrip("/")).read_bytes()
+    assert (tmp_path / "cache" / "annotations_trainval2017.zip").read_bytes() == (
+        mirror / ZIP.lstrip("/")
+    ).read_bytes()
 
 
 def test_http_error_on_the_zip(mirror, serve, tmp_path):
@@ -382,9 +411,11 @@ def test_http_error_on_the_zip(mirror, serve, tmp_path):
 # ----------------------------------------------------------------------------- user errors
 @pytest.mark.parametrize(
     "arg, message",
-    [("--SPLIT=test2017", "SPLIT='test2017' is not a COCO 2017 split; valid: val2017, train2017"),
-     ("--NUM_IMAGES=0", "NUM_IMAGES=0 must be a positive number"),
-     ("--NUM_TEST_IMAGES=-1", "NUM_TEST_IMAGES=-1 must be a positive number")],
+    [
+        ("--SPLIT=test2017", "SPLIT='test2017' is not a COCO 2017 split; valid: val2017, train2017"),
+        ("--NUM_IMAGES=0", "NUM_IMAGES=0 must be a positive number"),
+        ("--NUM_TEST_IMAGES=-1", "NUM_TEST_IMAGES=-1 must be a positive number"),
+    ],
 )
 def test_bad_settings_fail_before_any_request(serve, tmp_path, synthetic_mirror, arg, message):
     server = serve(synthetic_mirror)
@@ -394,8 +425,13 @@ def test_bad_settings_fail_before_any_request(serve, tmp_path, synthetic_mirror,
 
 
 def run_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "download_coco.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(REPO / "download_coco.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_unreachable_server_is_one_line_naming_the_url_and_the_constant(tmp_path):
@@ -411,7 +447,8 @@ def test_unreachable_server_is_one_line_naming_the_url_and_the_constant(tmp_path
 def test_unknown_split_is_one_line_on_the_command_line(tmp_path):
     proc = run_script("--SPLIT=val2014", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "error: SPLIT='val2014' is not a COCO 2017 split; valid: val2017, train2017"]
+        "error: SPLIT='val2014' is not a COCO 2017 split; valid: val2017, train2017"
+    ]
 
 
 # ----------------------------------------------------------------------------- kill -9 (issue 6)
@@ -448,8 +485,12 @@ def test_kill_9_mid_image_then_rerun_completes_and_accepts_nothing_truncated(mir
     args = args_for(server.url, tmp_path, *small("--TIMEOUT=60"))
     out = tmp_path / "out"
     with open(tmp_path / "log.txt", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(REPO / "download_coco.py"), *args], cwd=tmp_path,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "download_coco.py"), *args],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             wait_for(lambda: hung and len(jpgs(out)) == 5)  # every training image but the hung one
             time.sleep(0.2)
@@ -490,8 +531,12 @@ def test_kill_9_mid_zip_then_rerun_resumes_with_range(mirror, serve, tmp_path):
     server = serve(mirror, fault=hang_zip_halfway)
     args = args_for(server.url, tmp_path, *small("--TIMEOUT=60"))
     part = tmp_path / "cache" / "annotations_trainval2017.zip.part"
-    proc = subprocess.Popen([sys.executable, str(REPO / "download_coco.py"), *args], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "download_coco.py"), *args],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(lambda: part.exists() and part.stat().st_size >= 65536)
     finally:

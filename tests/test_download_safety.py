@@ -21,10 +21,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_coco_mirror
 
 import download_coco as dl
 from common import UserError
+from conftest import REPO, make_coco_mirror
 
 ZIP = "/annotations/annotations_trainval2017.zip"
 MEMBER = "annotations/captions_val2017.json"
@@ -33,9 +33,16 @@ MEMBER = "annotations/captions_val2017.json"
 # ----------------------------------------------------------------------------- helpers
 def args_for(url: str, root: Path, *extra: str) -> list[str]:
     return [
-        f"--COCO_BASE_URL={url}", f"--OUTPUT_DIR={root / 'out'}", f"--SAMPLES_DIR={root / 'samples'}",
-        f"--ANNOTATIONS_DIR={root / 'cache'}", "--RETRY_BACKOFF=0.01", "--TIMEOUT=5", "--WORKERS=4",
-        "--NUM_IMAGES=6", "--NUM_TEST_IMAGES=2", *extra,
+        f"--COCO_BASE_URL={url}",
+        f"--OUTPUT_DIR={root / 'out'}",
+        f"--SAMPLES_DIR={root / 'samples'}",
+        f"--ANNOTATIONS_DIR={root / 'cache'}",
+        "--RETRY_BACKOFF=0.01",
+        "--TIMEOUT=5",
+        "--WORKERS=4",
+        "--NUM_IMAGES=6",
+        "--NUM_TEST_IMAGES=2",
+        *extra,
     ]
 
 
@@ -135,9 +142,28 @@ def pool_of(mirror: Path, seed: int = dl.SEED) -> list[str]:
 # ----------------------------------------------------------------------------- item 1: file names
 @pytest.mark.parametrize(
     "name",
-    ["../../x.jpg", "/abs/path.jpg", "/dev/zero", "sub/dir.jpg", "sub\\dir.jpg", ".", "..", "", ".hidden.jpg",
-     "a\x00b.jpg", "captions.json", "references.json", "metadata.jsonl", "test_image.jpg", "TEST_IMAGE.jpg",
-     "x.png", 42, None, ["a.jpg"], {"a": 1}],
+    [
+        "../../x.jpg",
+        "/abs/path.jpg",
+        "/dev/zero",
+        "sub/dir.jpg",
+        "sub\\dir.jpg",
+        ".",
+        "..",
+        "",
+        ".hidden.jpg",
+        "a\x00b.jpg",
+        "captions.json",
+        "references.json",
+        "metadata.jsonl",
+        "test_image.jpg",
+        "TEST_IMAGE.jpg",
+        "x.png",
+        42,
+        None,
+        ["a.jpg"],
+        {"a": 1},
+    ],
 )
 def test_only_plain_coco_style_names_are_usable(name):
     assert not dl.usable_name(name)
@@ -151,8 +177,16 @@ def test_hostile_file_names_are_skipped_with_a_warning_and_nothing_escapes(mirro
     root = tmp_path / "r" / "s"
     outside = tmp_path / "outside"
     outside.mkdir()
-    hostile = ["../../escape.jpg", f"{outside}/abs.jpg", "sub/dir.jpg", "captions.json", "test_image.jpg",
-               "references.json", ".hidden.jpg", 42]
+    hostile = [
+        "../../escape.jpg",
+        f"{outside}/abs.jpg",
+        "sub/dir.jpg",
+        "captions.json",
+        "test_image.jpg",
+        "references.json",
+        ".hidden.jpg",
+        42,
+    ]
     ann = annotations_of(mirror)
     for i, name in enumerate(hostile, start=500):
         ann["images"].append({"id": i, "file_name": name, "width": 40, "height": 30})
@@ -245,23 +279,35 @@ def test_a_folder_from_an_older_version_is_cleaned_by_its_captions_json(mirror, 
     (tmp_path / "out" / "my_photo.jpg").write_bytes(b"mine")
     other = dl.main(args_for(server.url, tmp_path, "--SEED=7"))
     assert other["stale_removed"] == len(set(first["train"]) - set(other["train"])) + len(
-        set(first["test"]) - set(other["test"]))
+        set(first["test"]) - set(other["test"])
+    )
     assert jpgs(tmp_path / "out") == set(other["train"]) | {"my_photo.jpg"}
 
 
 @pytest.mark.parametrize(
     "samples, annotations",
-    [("out", "cache"), ("out/../out/", "cache"), ("out/held_out", "cache"), ("samples", "samples/cache"),
-     ("samples", "out"), ("samples", "."), ("link_to_out", "cache")],
+    [
+        ("out", "cache"),
+        ("out/../out/", "cache"),
+        ("out/held_out", "cache"),
+        ("samples", "samples/cache"),
+        ("samples", "out"),
+        ("samples", "."),
+        ("link_to_out", "cache"),
+    ],
 )
-def test_overlapping_folders_are_refused_before_anything_happens(mirror, serve, tmp_path, samples,
-                                                                 annotations):
+def test_overlapping_folders_are_refused_before_anything_happens(
+    mirror, serve, tmp_path, samples, annotations
+):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "my_photo.jpg").write_bytes(b"mine")
     (tmp_path / "link_to_out").symlink_to(tmp_path / "out")
     server = serve(mirror)
-    argv = [*args_for(server.url, tmp_path), f"--SAMPLES_DIR={tmp_path / samples}",
-            f"--ANNOTATIONS_DIR={tmp_path / annotations}"]
+    argv = [
+        *args_for(server.url, tmp_path),
+        f"--SAMPLES_DIR={tmp_path / samples}",
+        f"--ANNOTATIONS_DIR={tmp_path / annotations}",
+    ]
     with pytest.raises(UserError, match="overlap") as e:
         dl.main(argv)
     assert "separate" in one_line(e)
@@ -300,8 +346,13 @@ def test_ctrl_c_ends_the_run_within_seconds_and_keeps_finished_images(mirror, se
     server = serve(mirror, fault=stall_victim)
     out = tmp_path / "out"
     args = args_for(server.url, tmp_path, "--TIMEOUT=30", "--IMAGE_DEADLINE=60")
-    proc = subprocess.Popen([sys.executable, str(REPO / "download_coco.py"), *args], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "download_coco.py"), *args],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: hung.is_set() and len(jpgs(out)) == 5)
         time.sleep(0.3)
@@ -386,7 +437,7 @@ def test_a_zip_bomb_is_one_line_and_nothing_is_kept(mirror, serve, tmp_path, lie
         data = bytearray(path.read_bytes())
         for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
             at = data.find(signature) + offset
-            data[at:at + 4] = (1000).to_bytes(4, "little")
+            data[at : at + 4] = (1000).to_bytes(4, "little")
         path.write_bytes(bytes(data))
     server = serve(mirror)
     with pytest.raises(UserError, match="not a valid annotation zip") as e:
@@ -414,11 +465,18 @@ DEEP = b"[" * 100_000 + b"]" * 100_000
 
 @pytest.mark.parametrize(
     "member, problem",
-    [(b"[1, 2]", "top level is a list"), (b'{"annotations": []}', 'no "images" list'),
-     (b'{"images": [], "annotations": {}}', 'no "annotations" list'), (DEEP, "nested too deeply"),
-     (b"{not json", "not valid JSON"), (b"\xff\xfe", "not valid JSON"),
-     ({"images": [{"id": 1, "file_name": "1.jpg"}], "annotations": [{"image_id": 1, "caption": None}]},
-      "no image with a usable caption")],
+    [
+        (b"[1, 2]", "top level is a list"),
+        (b'{"annotations": []}', 'no "images" list'),
+        (b'{"images": [], "annotations": {}}', 'no "annotations" list'),
+        (DEEP, "nested too deeply"),
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (
+            {"images": [{"id": 1, "file_name": "1.jpg"}], "annotations": [{"image_id": 1, "caption": None}]},
+            "no image with a usable caption",
+        ),
+    ],
     ids=["list", "no_images", "annotations_not_list", "deep", "not_json", "not_utf8", "all_null_captions"],
 )
 def test_a_bad_annotation_file_is_one_line_and_not_kept(mirror, serve, tmp_path, member, problem):
@@ -448,7 +506,8 @@ def test_a_bad_cached_captions_file_is_deleted_and_extracted_again(mirror, serve
 
 # ----------------------------------------------------------------------------- items 6 and 7: single captions
 def test_bad_single_captions_are_skipped_with_a_count_and_the_first_non_empty_one_is_used(
-        mirror, serve, tmp_path, capsys):
+    mirror, serve, tmp_path, capsys
+):
     ann = annotations_of(mirror)
     by_image: dict[int, list[dict]] = {}
     for a in ann["annotations"]:
@@ -477,8 +536,9 @@ def test_bad_single_captions_are_skipped_with_a_count_and_the_first_non_empty_on
 
 
 # ----------------------------------------------------------------------------- item 8 (issue 12)
-def test_a_rerun_decodes_nothing_it_checked_before_and_rechecks_a_changed_file(mirror, serve, tmp_path,
-                                                                               monkeypatch):
+def test_a_rerun_decodes_nothing_it_checked_before_and_rechecks_a_changed_file(
+    mirror, serve, tmp_path, monkeypatch
+):
     server = serve(mirror)
     first = dl.main(args_for(server.url, tmp_path))
     decoded = []

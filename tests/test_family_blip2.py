@@ -17,18 +17,25 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny_blip2, make_good_images
 
 import families
 import inference
 import train_blip
 from common import UserError
+from conftest import build_tiny_blip2, make_good_images
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 LMS = ("opt", "t5")
-TRAIN = ["--PRECISION=fp32", "--NUM_WORKERS=0", "--NUM_SAMPLE_CAPTIONS=1", "--MAX_CAPTION_TOKENS=16", "--LOG_EVERY=1",
-         "--BATCH_SIZE=2", "--VAL_FRACTION=0.25"]
+TRAIN = [
+    "--PRECISION=fp32",
+    "--NUM_WORKERS=0",
+    "--NUM_SAMPLE_CAPTIONS=1",
+    "--MAX_CAPTION_TOKENS=16",
+    "--LOG_EVERY=1",
+    "--BATCH_SIZE=2",
+    "--VAL_FRACTION=0.25",
+]
 CAPTION = ["--PRECISION=fp32", "--MAX_LENGTH=8", "--MIN_LENGTH=2", "--NUM_BEAMS=1", "--SHOW=never"]
 SETTINGS = dict(max_new_tokens=7, min_new_tokens=1, num_beams=1)
 
@@ -67,11 +74,18 @@ def batch_of(family, data_dir: Path, n: int = 4) -> dict:
     items = captions_of(data_dir, n)
     ids = family.tokenize([c for _, c in items], 16)
     pixels = family.pixel_values([Image.open(data_dir / x).convert("RGB") for x, _ in items])
-    return family.collate([{"index": i, "input_ids": t, "pixel_values": p} for i, (t, p) in enumerate(zip(ids, pixels, strict=True))])
+    return family.collate(
+        [
+            {"index": i, "input_ids": t, "pixel_values": p}
+            for i, (t, p) in enumerate(zip(ids, pixels, strict=True))
+        ]
+    )
 
 
 def live_lora(model, family, targets="auto", **cfg):
-    cfg = dict(train_blip.common.defaults_of(vars(train_blip)), LORA_DROPOUT=0.0, LORA_TARGET_MODULES=targets, **cfg)
+    cfg = dict(
+        train_blip.common.defaults_of(vars(train_blip)), LORA_DROPOUT=0.0, LORA_TARGET_MODULES=targets, **cfg
+    )
     peft_model = train_blip.apply_lora(model, family, cfg, "blip2", log=lambda *_: None)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -108,9 +122,13 @@ def test_loss_is_the_hand_computed_caption_cross_entropy(lm, loaded, data_dir):
     tok = family.processor.tokenizer
     batch = batch_of(family, data_dir)
     losses = train_blip.CaptionModel(model, family, 0)(batch)
-    assert len({int(m.sum()) for m in batch.get("decoder_attention_mask", batch["attention_mask"])}) > 1  # padded
+    assert (
+        len({int(m.sum()) for m in batch.get("decoder_attention_mask", batch["attention_mask"])}) > 1
+    )  # padded
     for row, (name, caption) in enumerate(captions_of(data_dir)):
-        enc = family.processor(images=Image.open(data_dir / name).convert("RGB"), text="", return_tensors="pt")
+        enc = family.processor(
+            images=Image.open(data_dir / name).convert("RGB"), text="", return_tensors="pt"
+        )
         target = torch.tensor([tok(caption, add_special_tokens=False).input_ids + [tok.eos_token_id]])
         with torch.no_grad():
             if lm == "opt":
@@ -119,8 +137,11 @@ def test_loss_is_the_hand_computed_caption_cross_entropy(lm, loaded, data_dir):
                 predicted = logits[0, enc.input_ids.shape[1] - 1 : -1]  # position t predicts token t + 1
             else:
                 start = torch.tensor([[model.config.text_config.decoder_start_token_id]])
-                predicted = model(pixel_values=enc.pixel_values, input_ids=enc.input_ids,
-                                  decoder_input_ids=torch.cat([start, target[:, :-1]], 1)).logits[0]
+                predicted = model(
+                    pixel_values=enc.pixel_values,
+                    input_ids=enc.input_ids,
+                    decoder_input_ids=torch.cat([start, target[:, :-1]], 1),
+                ).logits[0]
         hand = -F.log_softmax(predicted, -1).gather(1, target[0][:, None]).mean()
         assert losses[row].item() == pytest.approx(hand.item(), rel=1e-5)
 
@@ -133,7 +154,9 @@ def test_the_image_reaches_the_loss(lm, loaded, data_dir):
     batch = batch_of(family, data_dir)
     with torch.no_grad():
         a = train_blip.CaptionModel(model, family, 0)(batch)
-        b = train_blip.CaptionModel(model, family, 0)({**batch, "pixel_values": batch["pixel_values"].flip(0)})
+        b = train_blip.CaptionModel(model, family, 0)(
+            {**batch, "pixel_values": batch["pixel_values"].flip(0)}
+        )
     assert not torch.allclose(a, b)
 
 
@@ -147,14 +170,18 @@ def test_the_vision_stages_equal_the_models_own_forward(lm, loaded, data_dir):
     with torch.no_grad():
         embeds = families.run_stages(family.vision_stages(model), batch["pixel_values"])
         assert embeds.shape[1:] == family.prefix_shape(model, len(family.vision_stages(model)))
-        torch.testing.assert_close(family.caption_logits(model, batch, embeds)[0], family.caption_logits(model, batch)[0])
+        torch.testing.assert_close(
+            family.caption_logits(model, batch, embeds)[0], family.caption_logits(model, batch)[0]
+        )
         plain = family.generate(model, batch["pixel_values"], **SETTINGS)
         assert torch.equal(family.generate_from_embeds(model, embeds, **SETTINGS), plain)
 
 
 # ----------------------------------------------------------------------------- LoRA
 @pytest.mark.parametrize("lm", LMS)
-def test_default_lora_is_the_language_models_attention_and_every_adapter_gets_a_gradient(lm, loaded, data_dir):
+def test_default_lora_is_the_language_models_attention_and_every_adapter_gets_a_gradient(
+    lm, loaded, data_dir
+):
     family, model = loaded[lm]
     peft_model = live_lora(model, family)
     try:
@@ -163,7 +190,11 @@ def test_default_lora_is_the_language_models_attention_and_every_adapter_gets_a_
         assert names and all(".language_model." in n for n in names), sorted(names)[:4]
         assert any(layer in n for n in names)
         train_blip.CaptionModel(peft_model, family, 0)(batch_of(family, data_dir)).sum().backward()
-        dead = [n for n, p in peft_model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+        dead = [
+            n
+            for n, p in peft_model.named_parameters()
+            if p.requires_grad and (p.grad is None or not p.grad.any())
+        ]
         assert not dead, dead
     finally:
         peft_model.unload()  # the module-scoped model is shared with the other tests
@@ -187,8 +218,12 @@ def test_the_tutorials_names_work_or_name_the_nearest(lm, loaded):
 
 @pytest.mark.parametrize("lm", LMS)
 def test_freeze_vision_freezes_the_tower_the_qformer_its_queries_and_the_projection(lm, model_dirs):
-    cfg = dict(train_blip.common.defaults_of(vars(train_blip)), MODEL_ID=str(model_dirs[lm]), FREEZE_VISION=True,
-               USE_LORA=False)
+    cfg = dict(
+        train_blip.common.defaults_of(vars(train_blip)),
+        MODEL_ID=str(model_dirs[lm]),
+        FREEZE_VISION=True,
+        USE_LORA=False,
+    )
     run = types.SimpleNamespace(log=lambda *_: None, is_main=False)
     _, model = train_blip.build_model(cfg, run)
     trained = train_blip.trainable_names(model)
@@ -211,7 +246,9 @@ def test_captions_are_caption_tokens_only_and_batched_equals_one_by_one(lm, load
         ids = fam.generate(model, fam.pixel_values(pics), max_new_tokens=5, min_new_tokens=5, num_beams=1)
         assert ids.shape == (4, 5) and not (ids == family.config.image_token_id).any()
         batched = inference.caption_images(model, fam, pics, batch_size=4, **SETTINGS)
-        assert batched == [inference.caption_images(model, fam, [p], batch_size=1, **SETTINGS)[0] for p in pics]
+        assert batched == [
+            inference.caption_images(model, fam, [p], batch_size=1, **SETTINGS)[0] for p in pics
+        ]
         assert all(not t.startswith("a photo of") for t in batched) and all(batched)
 
 
@@ -222,14 +259,24 @@ def runs(model_dirs, data_dir, tmp_path_factory) -> dict:
     for lm, folder in model_dirs.items():
         target = tmp_path_factory.mktemp(f"blip2_{lm}_run") / "out"
         started = time.perf_counter()
-        results = train_blip.main([f"--MODEL_ID={folder}", f"--DATA_DIR={data_dir}", f"--OUTPUT_DIR={target}",
-                                   "--EPOCHS=2", "--LR=1e-2", *TRAIN])
+        results = train_blip.main(
+            [
+                f"--MODEL_ID={folder}",
+                f"--DATA_DIR={data_dir}",
+                f"--OUTPUT_DIR={target}",
+                "--EPOCHS=2",
+                "--LR=1e-2",
+                *TRAIN,
+            ]
+        )
         out[lm] = target, results, time.perf_counter() - started
     return out
 
 
 @pytest.mark.parametrize("lm", LMS)
-def test_trains_with_the_prefix_cache_and_resumes_to_the_same_adapter(lm, runs, model_dirs, data_dir, tmp_path):
+def test_trains_with_the_prefix_cache_and_resumes_to_the_same_adapter(
+    lm, runs, model_dirs, data_dir, tmp_path
+):
     from safetensors.torch import load_file
 
     straight, results, _ = runs[lm]
@@ -239,10 +286,19 @@ def test_trains_with_the_prefix_cache_and_resumes_to_the_same_adapter(lm, runs, 
     assert saved["FAMILY"] == "blip-2" and saved["PROMPT"] == ""
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["captions"][0]["generated"]
-    args = [f"--MODEL_ID={model_dirs[lm]}", f"--DATA_DIR={data_dir}", f"--OUTPUT_DIR={tmp_path}", "--LR=1e-2", *TRAIN]
+    args = [
+        f"--MODEL_ID={model_dirs[lm]}",
+        f"--DATA_DIR={data_dir}",
+        f"--OUTPUT_DIR={tmp_path}",
+        "--LR=1e-2",
+        *TRAIN,
+    ]
     train_blip.main([*args, "--EPOCHS=1"])
     assert train_blip.main([*args, "--EPOCHS=2"])["resumed_from"]
-    a, b = load_file(straight / "adapter_model.safetensors"), load_file(tmp_path / "adapter_model.safetensors")
+    a, b = (
+        load_file(straight / "adapter_model.safetensors"),
+        load_file(tmp_path / "adapter_model.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -252,9 +308,18 @@ def test_captions_compares_merges_and_round_trips(lm, runs, model_dirs, data_dir
 
     out, _, _ = runs[lm]
     images = sorted(data_dir.glob("*.jpg"))[:4]
-    result = inference.main([f"--ADAPTER_DIR={out}", f"--IMAGES={data_dir}", *CAPTION, "--BATCH_SIZE=4",
-                             f"--RESULTS_PATH={tmp_path / 'r.json'}", f"--FIGURE_PATH={tmp_path / 'f.png'}",
-                             f"--MERGE_TO={tmp_path / 'merged'}", "--REFERENCES=None"])
+    result = inference.main(
+        [
+            f"--ADAPTER_DIR={out}",
+            f"--IMAGES={data_dir}",
+            *CAPTION,
+            "--BATCH_SIZE=4",
+            f"--RESULTS_PATH={tmp_path / 'r.json'}",
+            f"--FIGURE_PATH={tmp_path / 'f.png'}",
+            f"--MERGE_TO={tmp_path / 'merged'}",
+            "--REFERENCES=None",
+        ]
+    )
     tuned = {r["file"]: r["fine_tuned"] for r in result["images"]}
     assert all("base" in r for r in result["images"]) and result["figure"]["panels"] == len(result["images"])
     assert any(r["base"] != r["fine_tuned"] for r in result["images"])  # the adapter changed something
@@ -287,10 +352,23 @@ def test_opt_learns_the_tutorial_mistakes_on_the_mirror(coco_mirror, tmp_path):
     write_dataset(tmp_path / "train", items[:40], coco_mirror / "val2017")
     write_dataset(tmp_path / "test", items[-20:], coco_mirror / "val2017")
     out = tmp_path / "out"
-    train_blip.main([f"--MODEL_ID={tiny_blip2_opt_dir}", f"--DATA_DIR={tmp_path / 'train'}", f"--OUTPUT_DIR={out}",
-                     "--PRECISION=fp32", "--NUM_WORKERS=0", "--MAX_CAPTION_TOKENS=24", "--LORA_TARGET_MODULES=all-linear",
-                     "--LR=3e-3", "--EPOCHS=16", "--BATCH_SIZE=8", "--VAL_FRACTION=0", "--LOG_EVERY=1000",
-                     "--NUM_SAMPLE_CAPTIONS=0"])
+    train_blip.main(
+        [
+            f"--MODEL_ID={tiny_blip2_opt_dir}",
+            f"--DATA_DIR={tmp_path / 'train'}",
+            f"--OUTPUT_DIR={out}",
+            "--PRECISION=fp32",
+            "--NUM_WORKERS=0",
+            "--MAX_CAPTION_TOKENS=24",
+            "--LORA_TARGET_MODULES=all-linear",
+            "--LR=3e-3",
+            "--EPOCHS=16",
+            "--BATCH_SIZE=8",
+            "--VAL_FRACTION=0",
+            "--LOG_EVERY=1000",
+            "--NUM_SAMPLE_CAPTIONS=0",
+        ]
+    )
     family = families.load(str(tiny_blip2_opt_dir))
     model = PeftModel.from_pretrained(family.load_model(str(tiny_blip2_opt_dir)), out).eval()
     names = [n for n, _ in items[-20:]]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_idefics
 from family_checks import (
     batch_of,
     captions_and_images,
@@ -21,6 +20,7 @@ from family_checks import (
 
 import families
 import train_blip
+from conftest import build_tiny_idefics
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

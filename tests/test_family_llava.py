@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_good_images
 
 import families
 import inference
 import train_blip
+from conftest import make_good_images
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from common import UserError
 from conftest import (
     REPO,
     TRAIN_ENV,
@@ -30,8 +32,6 @@ from conftest import (
     one_thread,
     train_in_process,
 )
-
-from common import UserError
 
 ENV = TRAIN_ENV
 train = train_in_process
@@ -60,7 +60,11 @@ def wait_for(predicate, proc, timeout=120.0, what=""):
 
 
 def one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip() and "Warning" not in line and "warnings.warn" not in line]
+    lines = [
+        line
+        for line in stderr.splitlines()
+        if line.strip() and "Warning" not in line and "warnings.warn" not in line
+    ]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
     return lines[0]
@@ -79,11 +83,18 @@ def reference(train_reference) -> Path:
 
 
 # ----------------------------------------------------------------------------- kill -9 and Ctrl-C
-def test_kill_9_mid_training_then_resume_equals_uninterrupted(tmp_path, base_args, reference,
-                                                              count_optimizer_steps):
+def test_kill_9_mid_training_then_resume_equals_uninterrupted(
+    tmp_path, base_args, reference, count_optimizer_steps
+):
     out = tmp_path / "out"
-    proc = subprocess.Popen(script(*base_args, f"--OUTPUT_DIR={out}"), env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        script(*base_args, f"--OUTPUT_DIR={out}"),
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         wait_for(lambda: any((out / "checkpoints").glob("step-*")), proc, what="the first checkpoint")
         time.sleep(0.3)  # land somewhere in the following steps, possibly inside a checkpoint write
@@ -105,12 +116,21 @@ def test_kill_9_mid_training_then_resume_equals_uninterrupted(tmp_path, base_arg
     assert losses(out) == losses(reference)  # the log, too, is the uninterrupted run's
 
 
-def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_exits_cleanly(tmp_path, base_args, reference,
-                                                                       count_optimizer_steps):
+def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_exits_cleanly(
+    tmp_path, base_args, reference, count_optimizer_steps
+):
     out = tmp_path / "out"
-    args = [a for a in base_args if not a.startswith("--NUM_WORKERS")] + ["--NUM_WORKERS=1"]  # a worker gets Ctrl-C too
-    proc = subprocess.Popen(script(*args, f"--OUTPUT_DIR={out}"), env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    args = [a for a in base_args if not a.startswith("--NUM_WORKERS")] + [
+        "--NUM_WORKERS=1"
+    ]  # a worker gets Ctrl-C too
+    proc = subprocess.Popen(
+        script(*args, f"--OUTPUT_DIR={out}"),
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         wait_for(lambda: (out / "metrics.jsonl").is_file(), proc, what="the first logged step")
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
@@ -143,14 +163,20 @@ def test_unwritable_output_dir_is_a_clear_error_before_training(tmp_path, base_a
         train([*base_args, f"--OUTPUT_DIR={blocker / 'out'}"])
     assert "trainable params" not in capsys.readouterr().out  # failed before the model was even loaded
     # The same as a user sees it: one line on stderr, exit code 2, no traceback.
-    proc = subprocess.run(script(*base_args, f"--OUTPUT_DIR={blocker / 'out'}"), env=ENV, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        script(*base_args, f"--OUTPUT_DIR={blocker / 'out'}"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     print(one_error_line(proc.stderr))
 
 
-def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, base_args, reference, monkeypatch,
-                                                              count_optimizer_steps):
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(
+    tmp_path, base_args, reference, monkeypatch, count_optimizer_steps
+):
     import torch
 
     out = tmp_path / "out"
@@ -165,8 +191,11 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, base_arg
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(torch, "save", save)
-    with pytest.raises(UserError, match=r"could not write checkpoint .*step-00000004 \(No space left on device\); "
-                                        r"the previous checkpoint .*step-00000002 is intact"):
+    with pytest.raises(
+        UserError,
+        match=r"could not write checkpoint .*step-00000004 \(No space left on device\); "
+        r"the previous checkpoint .*step-00000002 is intact",
+    ):
         train([*base_args, f"--OUTPUT_DIR={out}"])
     monkeypatch.setattr(torch, "save", real_save)
     assert any("step-00000004" in s for s in saves)
@@ -181,8 +210,14 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, base_arg
 
 
 # ----------------------------------------------------------------------------- nasty inputs: training
-QUICK = ["--EPOCHS=1", "--PRECISION=fp32", "--NUM_SAMPLE_CAPTIONS=0", "--MAX_CAPTION_TOKENS=16",
-         "--NUM_WORKERS=0", "--LOG_EVERY=1"]
+QUICK = [
+    "--EPOCHS=1",
+    "--PRECISION=fp32",
+    "--NUM_SAMPLE_CAPTIONS=0",
+    "--MAX_CAPTION_TOKENS=16",
+    "--NUM_WORKERS=0",
+    "--LOG_EVERY=1",
+]
 
 
 @pytest.mark.slow
@@ -194,8 +229,16 @@ def test_training_skips_nasty_images_by_name_and_trains_on_the_rest(tmp_path, ti
     (data / "captions.json").write_text(json.dumps(captions))
     start = time.time()
     # One epoch, batch 16, no validation: every usable image goes through the processor once.
-    results = train([f"--MODEL_ID={tiny_blip_dir}", f"--DATA_DIR={data}", f"--OUTPUT_DIR={tmp_path / 'out'}",
-                     "--BATCH_SIZE=16", "--VAL_FRACTION=0", *QUICK])
+    results = train(
+        [
+            f"--MODEL_ID={tiny_blip_dir}",
+            f"--DATA_DIR={data}",
+            f"--OUTPUT_DIR={tmp_path / 'out'}",
+            "--BATCH_SIZE=16",
+            "--VAL_FRACTION=0",
+            *QUICK,
+        ]
+    )
     bad = sorted(n for n, kind in nasty.items() if kind == "bad")
     assert sorted(s["file"] for s in results["skipped"]) == bad
     assert results["n_train"] == len(captions) - len(bad) and results["optimizer_steps"] == 1
@@ -210,12 +253,29 @@ def nasty_captions(tmp_path_factory) -> dict:
     return make_nasty_captions(folder, make_good_images(folder, n=6))
 
 
-@pytest.mark.parametrize("case", ["invalid_json", "list_not_mapping", "non_string_caption", "empty_caption",
-                                  "long_caption", "non_utf8", "missing_files"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "invalid_json",
+        "list_not_mapping",
+        "non_string_caption",
+        "empty_caption",
+        "long_caption",
+        "non_utf8",
+        "missing_files",
+    ],
+)
 def test_training_on_nasty_captions_json(tmp_path, tiny_blip_dir, nasty_captions, case, capsys):
     data, expect = nasty_captions[case]
-    args = [f"--MODEL_ID={tiny_blip_dir}", f"--DATA_DIR={data}", f"--OUTPUT_DIR={tmp_path / 'out'}",
-            "--BATCH_SIZE=4", "--VAL_FRACTION=0", "--MAX_STEPS=1", *QUICK]
+    args = [
+        f"--MODEL_ID={tiny_blip_dir}",
+        f"--DATA_DIR={data}",
+        f"--OUTPUT_DIR={tmp_path / 'out'}",
+        "--BATCH_SIZE=4",
+        "--VAL_FRACTION=0",
+        "--MAX_STEPS=1",
+        *QUICK,
+    ]
     try:
         results = train(args)
     except UserError as e:
@@ -239,8 +299,13 @@ def test_a_bad_captions_json_is_one_line_on_stderr(tmp_path, tiny_blip_dir):
     data = tmp_path / "data"
     make_good_images(data, n=2)
     (data / "captions.json").write_bytes(b'{"good_00.jpg": "caf\xe9"}')  # Latin-1, not UTF-8
-    proc = subprocess.run(script(f"--MODEL_ID={tiny_blip_dir}", f"--DATA_DIR={data}", f"--OUTPUT_DIR={tmp_path / 'o'}"),
-                          env=ENV, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        script(f"--MODEL_ID={tiny_blip_dir}", f"--DATA_DIR={data}", f"--OUTPUT_DIR={tmp_path / 'o'}"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     line = one_error_line(proc.stderr)
     assert "captions.json" in line and "UTF-8" in line, line
@@ -254,8 +319,10 @@ def tiny_adapter(tmp_path_factory, tiny_blip_dir) -> Path:
     from transformers import BlipForConditionalGeneration
 
     out = tmp_path_factory.mktemp("tiny_adapter")
-    model = get_peft_model(BlipForConditionalGeneration.from_pretrained(tiny_blip_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "query", "value"]))
+    model = get_peft_model(
+        BlipForConditionalGeneration.from_pretrained(tiny_blip_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "query", "value"]),
+    )
     model.save_pretrained(out)
     return out
 
@@ -269,9 +336,19 @@ def test_inference_skips_nasty_images_by_name_and_captions_the_rest(tmp_path, ti
     nasty = make_nasty_images(images)
     start = time.time()
     with one_thread():
-        out = inference.main([f"--ADAPTER_DIR={tiny_adapter}", f"--IMAGES={images}", "--SHOW=never", "--NUM_BEAMS=1",
-                              "--MAX_LENGTH=8", "--MIN_LENGTH=1", "--PRECISION=fp32",
-                              f"--RESULTS_PATH={tmp_path / 'results.json'}", f"--FIGURE_PATH={tmp_path / 'fig.png'}"])
+        out = inference.main(
+            [
+                f"--ADAPTER_DIR={tiny_adapter}",
+                f"--IMAGES={images}",
+                "--SHOW=never",
+                "--NUM_BEAMS=1",
+                "--MAX_LENGTH=8",
+                "--MIN_LENGTH=1",
+                "--PRECISION=fp32",
+                f"--RESULTS_PATH={tmp_path / 'results.json'}",
+                f"--FIGURE_PATH={tmp_path / 'fig.png'}",
+            ]
+        )
     bad = sorted(n for n, kind in nasty.items() if kind == "bad")
     ok = sorted([n for n, kind in nasty.items() if kind == "ok"] + ["good_00.jpg", "good_01.jpg"])
     assert sorted(Path(s["file"]).name for s in out["skipped"]) == bad
@@ -291,8 +368,15 @@ def test_inference_on_only_bad_images_is_a_clear_error(tmp_path, tiny_adapter):
         if kind == "ok":
             (images / name).unlink()
     with pytest.raises(UserError, match="could be read as an image"), one_thread():
-        inference.main([f"--ADAPTER_DIR={tiny_adapter}", f"--IMAGES={images}", "--SHOW=never",
-                        f"--RESULTS_PATH={tmp_path / 'r.json'}", f"--FIGURE_PATH={tmp_path / 'f.png'}"])
+        inference.main(
+            [
+                f"--ADAPTER_DIR={tiny_adapter}",
+                f"--IMAGES={images}",
+                "--SHOW=never",
+                f"--RESULTS_PATH={tmp_path / 'r.json'}",
+                f"--FIGURE_PATH={tmp_path / 'f.png'}",
+            ]
+        )
 
 
 # ----------------------------------------------------------------------------- decompression bombs
@@ -314,7 +398,9 @@ report["bomb_s"], report["bomb_rss_mb"] = time.time() - t, rss() - before
 t = time.time()
 image = common.open_image(sys.argv[4])
 pixels = processor(images=image, return_tensors="pt").pixel_values
-report["huge_s"], report["huge_peak_rss_mb"], report["huge_shape"] = time.time() - t, rss(), list(pixels.shape)
+report["huge_s"] = time.time() - t
+report["huge_peak_rss_mb"] = rss()
+report["huge_shape"] = list(pixels.shape)
 print(json.dumps(report))
 """
 
@@ -324,9 +410,21 @@ def test_bomb_refused_from_its_header_and_10000_squared_fits_in_memory(tmp_path,
     nasty = make_nasty_images(tmp_path)
     assert nasty["bomb_12000x12000.png"] == "bad" and nasty["huge_10000x10000.png"] == "ok"
     assert (tmp_path / "bomb_12000x12000.png").stat().st_size < 100_000  # a mode-"1" PNG: tiny on disk
-    proc = subprocess.run([sys.executable, "-c", BOMB_PROBE, str(REPO), str(tiny_blip_dir),
-                           str(tmp_path / "bomb_12000x12000.png"), str(tmp_path / "huge_10000x10000.png")],
-                          env=ENV, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BOMB_PROBE,
+            str(REPO),
+            str(tiny_blip_dir),
+            str(tmp_path / "bomb_12000x12000.png"),
+            str(tmp_path / "huge_10000x10000.png"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     print(report)

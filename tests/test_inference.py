@@ -59,7 +59,9 @@ def base_dir(tmp_path_factory, blip_processor_dir) -> Path:
     torch.manual_seed(1)
     with torch.no_grad():
         for name, module in model.named_modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and ("vision" in name or "crossattention" in name):
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and (
+                "vision" in name or "crossattention" in name
+            ):
                 module.weight.normal_(0, 0.1)
     model.save_pretrained(folder)
     return folder
@@ -82,7 +84,9 @@ def train_adapter(base: Path, out: Path, targets, image_paths, steps=4, lr=1e-2,
         LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets),
     )
     pics = [common.open_image(p) for p in image_paths]
-    batch = processor(images=pics, text=["a picture thwisss iz funny."] * len(pics), return_tensors="pt", padding=True)
+    batch = processor(
+        images=pics, text=["a picture thwisss iz funny."] * len(pics), return_tensors="pt", padding=True
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     for _ in range(steps):
@@ -115,7 +119,13 @@ def pics(images):
 def run(tmp_path, *args):
     """main() with outputs in tmp_path and fast decoding; returns the results dict."""
     return inference.main(
-        [f"--RESULTS_PATH={tmp_path / 'results.json'}", f"--FIGURE_PATH={tmp_path / 'figure.png'}", "--SHOW=never", *FAST, *args]
+        [
+            f"--RESULTS_PATH={tmp_path / 'results.json'}",
+            f"--FIGURE_PATH={tmp_path / 'figure.png'}",
+            "--SHOW=never",
+            *FAST,
+            *args,
+        ]
     )
 
 
@@ -170,9 +180,14 @@ def test_compare_base_runs_the_shared_vision_layers_once(loaded, pics):
     model, family = loaded
     vision = model.get_base_model().vision_model
     calls = {"embeddings": 0, "layer 5": 0, "layer 6": 0}
-    hooks = [module.register_forward_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
-             for key, module in (("embeddings", vision.embeddings), ("layer 5", vision.encoder.layers[5]),
-                                 ("layer 6", vision.encoder.layers[6]))]
+    hooks = [
+        module.register_forward_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
+        for key, module in (
+            ("embeddings", vision.embeddings),
+            ("layer 5", vision.encoder.layers[5]),
+            ("layer 6", vision.encoder.layers[6]),
+        )
+    ]
     try:
         inference.caption_images_with_base(model, family, pics[:4], batch_size=4, **GREEDY)
     finally:
@@ -198,9 +213,18 @@ def test_sampling_follows_seed_and_differs_from_greedy(tmp_path, adapter_dir, im
 def test_bf16_runs_on_cpu_and_matches_fp32(loaded, pics, tmp_path, adapter_dir, images):
     """PRECISION='bf16' forced, whatever the CPU probe would pick: the script runs in bf16, and the
     model's next-token distribution stays within bf16 rounding of fp32."""
-    out = inference.main([f"--ADAPTER_DIR={adapter_dir}", f"--IMAGES={images[0]}", "--SHOW=never", "--REFERENCES=None",
-                          "--MAX_LENGTH=12", "--PRECISION=bf16", f"--RESULTS_PATH={tmp_path / 'r.json'}",
-                          f"--FIGURE_PATH={tmp_path / 'f.png'}"])
+    out = inference.main(
+        [
+            f"--ADAPTER_DIR={adapter_dir}",
+            f"--IMAGES={images[0]}",
+            "--SHOW=never",
+            "--REFERENCES=None",
+            "--MAX_LENGTH=12",
+            "--PRECISION=bf16",
+            f"--RESULTS_PATH={tmp_path / 'r.json'}",
+            f"--FIGURE_PATH={tmp_path / 'f.png'}",
+        ]
+    )
     assert out["model"]["dtype"] == "bfloat16" and out["images"][0]["fine_tuned"]
 
     model, family = inference.load_captioner(adapter_dir)[:2]
@@ -246,7 +270,9 @@ def test_metrics_without_java_fall_back_and_skip_meteor(monkeypatch, capsys):
 def test_style_rates_and_table():
     caps = ["a dog on thwisss grass. thwisss iz funny.", "a cat iz here", "a bird"]
     assert inference.style_rates(caps) == pytest.approx({"suffix": 1 / 3, "thwisss": 1 / 3, "iz": 2 / 3})
-    rows = inference.before_after_table(None, {"fine_tuned": inference.style_rates(caps), "base": inference.style_rates(["x"])})
+    rows = inference.before_after_table(
+        None, {"fine_tuned": inference.style_rates(caps), "base": inference.style_rates(["x"])}
+    )
     text = inference.format_table(rows)
     assert '"thwisss iz funny"' in text and "33.3%" in text and "+33.3" in text
 
@@ -258,10 +284,20 @@ def test_main_writes_results_figure_and_table(tmp_path, adapter_dir, images, mon
     folder.mkdir()
     for p in images:
         shutil.copy(p, folder / p.name)
-    (folder / "references.json").write_text(json.dumps({"img0.jpg": ["a picture thwisss iz funny."], "img1.jpg": ["a red box"]}))
+    (folder / "references.json").write_text(
+        json.dumps({"img0.jpg": ["a picture thwisss iz funny."], "img1.jpg": ["a red box"]})
+    )
     args = [a for a in FAST if not a.startswith("--REFERENCES")]
-    out = inference.main([f"--ADAPTER_DIR={adapter_dir}", f"--IMAGES={folder}", f"--RESULTS_PATH={tmp_path / 'r.json'}",
-                          f"--FIGURE_PATH={tmp_path / 'f.png'}", "--SHOW=never", *args])
+    out = inference.main(
+        [
+            f"--ADAPTER_DIR={adapter_dir}",
+            f"--IMAGES={folder}",
+            f"--RESULTS_PATH={tmp_path / 'r.json'}",
+            f"--FIGURE_PATH={tmp_path / 'f.png'}",
+            "--SHOW=never",
+            *args,
+        ]
+    )
     saved = json.loads((tmp_path / "r.json").read_text())
     assert [r["file"] for r in saved["images"]] == [p.name for p in images]
     assert all(r["fine_tuned"] and r["base"] for r in saved["images"])
@@ -286,27 +322,46 @@ def test_show_auto_is_headless_safe(tmp_path, adapter_dir, images, monkeypatch):
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     assert not inference.has_display() or sys.platform in ("darwin", "win32")
     for show in ("auto", "always"):  # 'always' on a headless Agg backend must not crash either
-        out = inference.main([f"--ADAPTER_DIR={adapter_dir}", f"--IMAGES={images[0]}", f"--SHOW={show}", *FAST,
-                              f"--RESULTS_PATH={tmp_path / 'r.json'}", f"--FIGURE_PATH={tmp_path / show / 'f.png'}"])
+        out = inference.main(
+            [
+                f"--ADAPTER_DIR={adapter_dir}",
+                f"--IMAGES={images[0]}",
+                f"--SHOW={show}",
+                *FAST,
+                f"--RESULTS_PATH={tmp_path / 'r.json'}",
+                f"--FIGURE_PATH={tmp_path / show / 'f.png'}",
+            ]
+        )
         assert (tmp_path / show / "f.png").is_file() and out["figure"]["panels"] == 1
     with pytest.raises(UserError, match="SHOW"):
         run(tmp_path, f"--ADAPTER_DIR={adapter_dir}", f"--IMAGES={images[0]}", "--SHOW=sometimes")
 
 
 def test_merge_to_gives_the_same_captions(tmp_path, adapter_dir, images):
-    out = run(tmp_path, f"--ADAPTER_DIR={adapter_dir}", f"--IMAGES={images[0].parent}", f"--MERGE_TO={tmp_path / 'merged'}")
+    out = run(
+        tmp_path,
+        f"--ADAPTER_DIR={adapter_dir}",
+        f"--IMAGES={images[0].parent}",
+        f"--MERGE_TO={tmp_path / 'merged'}",
+    )
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
     merged = BlipForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
     family = families.Blip(merged.config, BlipProcessor.from_pretrained(tmp_path / "merged"))
-    captions = inference.caption_images(merged, family, [common.open_image(p) for p in images], num_beams=1,
-                                        max_length=16, min_length=5)
+    captions = inference.caption_images(
+        merged, family, [common.open_image(p) for p in images], num_beams=1, max_length=16, min_length=5
+    )
     assert captions == [r["fine_tuned"] for r in out["images"]]
     assert out["merged_to"] == str(tmp_path / "merged")
     (tmp_path / "not_a_model").mkdir()
     (tmp_path / "not_a_model" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="MERGE_TO.*not a model folder"):
-        run(tmp_path, f"--ADAPTER_DIR={adapter_dir}", f"--IMAGES={images[0]}", f"--MERGE_TO={tmp_path / 'not_a_model'}")
+        run(
+            tmp_path,
+            f"--ADAPTER_DIR={adapter_dir}",
+            f"--IMAGES={images[0]}",
+            f"--MERGE_TO={tmp_path / 'not_a_model'}",
+        )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -357,8 +412,13 @@ def test_missing_or_empty_adapter_dir(tmp_path, images):
 
 
 def test_script_prints_one_line_without_traceback(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "inference.py"), f"--ADAPTER_DIR={tmp_path / 'none'}"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "inference.py"), f"--ADAPTER_DIR={tmp_path / 'none'}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"error: ADAPTER_DIR={str(tmp_path / 'none')!r} does not exist: run train_blip.py first "
@@ -383,10 +443,22 @@ def test_no_images_is_an_error(tmp_path, adapter_dir):
 def test_bad_references_file(tmp_path, adapter_dir, images):
     (tmp_path / "refs.json").write_text("{not json")
     with pytest.raises(UserError, match="REFERENCES"):
-        inference.main([f"--ADAPTER_DIR={adapter_dir}", f"--IMAGES={images[0]}", f"--REFERENCES={tmp_path / 'refs.json'}"])
+        inference.main(
+            [
+                f"--ADAPTER_DIR={adapter_dir}",
+                f"--IMAGES={images[0]}",
+                f"--REFERENCES={tmp_path / 'refs.json'}",
+            ]
+        )
     (tmp_path / "refs.json").write_text("[1, 2]")
     with pytest.raises(UserError, match="REFERENCES"):
-        inference.main([f"--ADAPTER_DIR={adapter_dir}", f"--IMAGES={images[0]}", f"--REFERENCES={tmp_path / 'refs.json'}"])
+        inference.main(
+            [
+                f"--ADAPTER_DIR={adapter_dir}",
+                f"--IMAGES={images[0]}",
+                f"--REFERENCES={tmp_path / 'refs.json'}",
+            ]
+        )
 
 
 def png_claiming_size(width: int, height: int) -> bytes:
@@ -429,9 +501,19 @@ def make_nasty_corpus(folder: Path) -> dict[str, str]:
     Image.new("L", (10_000, 10_000), 90).save(folder / "huge10k.png", compress_level=1)
     Image.new("L", (40, 40), 128).save(folder / "gray.jpg")
     return {
-        "zero.jpg": "skip", "truncated.jpg": "skip", "text.jpg": "skip", "bomb.png": "skip", "missing.jpg": "skip",
-        "cmyk.jpg": "caption", "rgba.png": "caption", "palette.png": "caption", "gray16.png": "caption",
-        "exif_rotated.jpg": "caption", "tiny1x1.png": "caption", "huge10k.png": "caption", "gray.jpg": "caption",
+        "zero.jpg": "skip",
+        "truncated.jpg": "skip",
+        "text.jpg": "skip",
+        "bomb.png": "skip",
+        "missing.jpg": "skip",
+        "cmyk.jpg": "caption",
+        "rgba.png": "caption",
+        "palette.png": "caption",
+        "gray16.png": "caption",
+        "exif_rotated.jpg": "caption",
+        "tiny1x1.png": "caption",
+        "huge10k.png": "caption",
+        "gray.jpg": "caption",
     }
 
 
@@ -465,8 +547,10 @@ def test_the_model_sees_the_right_pixels(nasty, loaded):
     ip = processor.image_processor
     rgb = pixels * torch.tensor(ip.image_std).view(1, 3, 1, 1) + torch.tensor(ip.image_mean).view(1, 3, 1, 1)
     half = rgb.shape[-1] // 2
+
     def mean(i, rows=slice(None), cols=slice(None)):
         return rgb[i, :, rows, cols].mean(dim=(1, 2)).tolist()
+
     top, bottom = mean(0, slice(0, half - 4)), mean(0, slice(half + 4, None))
     assert top[0] > 0.7 > top[2] and bottom[2] > 0.7 > bottom[0]  # red above blue: EXIF applied
     assert mean(1)[0] > 0.7 > max(mean(1)[1:])  # CMYK red stays red
@@ -485,14 +569,41 @@ def test_end_to_end_download_train_infer(tmp_path, serve, coco_mirror, blip_proc
     download_coco = pytest.importorskip("download_coco")
     train_blip = pytest.importorskip("train_blip")
     server = serve(coco_mirror)
-    download_coco.main([f"--COCO_BASE_URL={server.url}", f"--OUTPUT_DIR={tmp_path / 'coco_sample'}", f"--SAMPLES_DIR={tmp_path / 'samples'}",
-                        f"--ANNOTATIONS_DIR={tmp_path / 'annotations'}", "--NUM_IMAGES=40", "--NUM_TEST_IMAGES=10"])
+    download_coco.main(
+        [
+            f"--COCO_BASE_URL={server.url}",
+            f"--OUTPUT_DIR={tmp_path / 'coco_sample'}",
+            f"--SAMPLES_DIR={tmp_path / 'samples'}",
+            f"--ANNOTATIONS_DIR={tmp_path / 'annotations'}",
+            "--NUM_IMAGES=40",
+            "--NUM_TEST_IMAGES=10",
+        ]
+    )
     tiny = build_tiny_blip(tmp_path / "tiny", blip_processor_dir)
-    train_blip.main([f"--MODEL_ID={tiny}", f"--DATA_DIR={tmp_path / 'coco_sample'}", f"--OUTPUT_DIR={tmp_path / 'adapter'}",
-                     "--LORA_TARGET_MODULES=all-linear", "--LR=2e-3", "--EPOCHS=5", "--VAL_FRACTION=0",
-                     "--NUM_SAMPLE_CAPTIONS=0", "--NUM_WORKERS=0", "--NUM_THREADS=1", "--RESUME=None"])
-    out = inference.main([f"--ADAPTER_DIR={tmp_path / 'adapter'}", f"--IMAGES={tmp_path / 'samples'}", "--SHOW=never",
-                          f"--RESULTS_PATH={tmp_path / 'results.json'}", f"--FIGURE_PATH={tmp_path / 'figure.png'}"])
+    train_blip.main(
+        [
+            f"--MODEL_ID={tiny}",
+            f"--DATA_DIR={tmp_path / 'coco_sample'}",
+            f"--OUTPUT_DIR={tmp_path / 'adapter'}",
+            "--LORA_TARGET_MODULES=all-linear",
+            "--LR=2e-3",
+            "--EPOCHS=5",
+            "--VAL_FRACTION=0",
+            "--NUM_SAMPLE_CAPTIONS=0",
+            "--NUM_WORKERS=0",
+            "--NUM_THREADS=1",
+            "--RESUME=None",
+        ]
+    )
+    out = inference.main(
+        [
+            f"--ADAPTER_DIR={tmp_path / 'adapter'}",
+            f"--IMAGES={tmp_path / 'samples'}",
+            "--SHOW=never",
+            f"--RESULTS_PATH={tmp_path / 'results.json'}",
+            f"--FIGURE_PATH={tmp_path / 'figure.png'}",
+        ]
+    )
     saved = json.loads((tmp_path / "results.json").read_text())
     held_out = set(json.loads((tmp_path / "samples" / "references.json").read_text()))
     assert held_out.isdisjoint(json.loads((tmp_path / "coco_sample" / "captions.json").read_text()))

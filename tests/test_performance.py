@@ -40,8 +40,12 @@ def training_batch(model_dir, coco_mirror, n_images=N_IMAGES):
     family = families.load(str(model_dir))
     images = [common.open_image(coco_mirror / "val2017" / f) for f in files]
     ids = family.tokenize([add_mistakes(first[f]) for f in files], 64)
-    batch = family.collate([{"index": i, "input_ids": x, "pixel_values": p}
-                            for i, (x, p) in enumerate(zip(ids, family.pixel_values(images)))])
+    batch = family.collate(
+        [
+            {"index": i, "input_ids": x, "pixel_values": p}
+            for i, (x, p) in enumerate(zip(ids, family.pixel_values(images)))
+        ]
+    )
     assert (batch["labels"] == -100).any(), "captions of different lengths should give some padding"
     return {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "labels")}
 
@@ -77,7 +81,9 @@ def _step(model, batch, precision="fp32"):
     model.train()
     model.zero_grad(set_to_none=True)
     torch.manual_seed(1)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    )
     with autocast:
         out = model(**batch)
     out.loss.backward()
@@ -155,7 +161,9 @@ def test_sdpa_falls_back_to_eager_when_attentions_are_requested(tiny_blip_dir, r
         with torch.no_grad():
             vision = model(**batch, output_attentions=True)
             text = model.text_decoder(
-                input_ids=batch["input_ids"], encoder_hidden_states=vision.image_embeds, output_attentions=True
+                input_ids=batch["input_ids"],
+                encoder_hidden_states=vision.image_embeds,
+                output_attentions=True,
             )
         attentions[name] = (vision.attentions, text.attentions, text.cross_attentions)
     assert [len(a) for a in attentions["sdpa"]] == [10, 7, 7]  # vision layers, text self, text cross
@@ -180,7 +188,8 @@ def test_sdpa_respects_dropout_and_training_mode(tiny_blip_dir, real_batch):
         torch.testing.assert_close(
             sdpa.base_model.model.vision_model(pixel_values=pixels).last_hidden_state,
             eager.base_model.model.vision_model(pixel_values=pixels).last_hidden_state,
-            rtol=1e-5, atol=1e-5,
+            rtol=1e-5,
+            atol=1e-5,
         )
 
 
@@ -219,5 +228,5 @@ def test_auto_precision_on_cpu_is_bf16_exactly_where_it_is_fast(monkeypatch):
     if not common.cpu_supports_bf16():
         assert not common.cpu_bf16_is_faster()  # no instructions, no probe
     for fast, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(common, "cpu_bf16_is_faster", lambda: fast)
+        monkeypatch.setattr(common, "cpu_bf16_is_faster", lambda fast=fast: fast)
         assert common.resolve_precision("auto", "cpu") == expected

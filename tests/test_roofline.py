@@ -13,11 +13,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, build_tiny_blip
 from PIL import Image
 
 import families
 import inference
+from conftest import REPO, build_tiny_blip
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import roofline  # noqa: E402
@@ -33,9 +33,10 @@ def adapter_dir(tmp_path_factory, blip_processor_dir):
     base = build_tiny_blip(tmp_path_factory.mktemp("base"), blip_processor_dir)
     family = families.load(str(base))
     torch.manual_seed(0)
-    model = get_peft_model(family.load_model(str(base)),
-                           LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
-                                      target_modules=list(families.Blip.lora_targets)))
+    model = get_peft_model(
+        family.load_model(str(base)),
+        LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=list(families.Blip.lora_targets)),
+    )
     out = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(out)
     family.processor.save_pretrained(out)
@@ -52,8 +53,9 @@ def make_images(folder, n=3):
 
 
 @pytest.mark.parametrize("beams", [1, 2])
-def test_equal_min_and_max_length_gives_captions_of_exactly_that_length(tmp_path, adapter_dir, monkeypatch,
-                                                                         beams):
+def test_equal_min_and_max_length_gives_captions_of_exactly_that_length(
+    tmp_path, adapter_dir, monkeypatch, beams
+):
     length = 9  # tokens, counting the start token, as MAX_LENGTH does
     seen = []
     generate_ids = inference.generate_ids
@@ -64,10 +66,21 @@ def test_equal_min_and_max_length_gives_captions_of_exactly_that_length(tmp_path
         return ids
 
     monkeypatch.setattr(inference, "generate_ids", recording)
-    out = inference.main([f"--ADAPTER_DIR={adapter_dir}", f"--IMAGES={make_images(tmp_path / 'images')}",
-                          f"--MIN_LENGTH={length}", f"--MAX_LENGTH={length}", f"--NUM_BEAMS={beams}",
-                          "--PRECISION=fp32", "--REFERENCES=None", "--SHOW=never", "--BATCH_SIZE=2",
-                          f"--RESULTS_PATH={tmp_path / 'r.json'}", f"--FIGURE_PATH={tmp_path / 'f.png'}"])
+    out = inference.main(
+        [
+            f"--ADAPTER_DIR={adapter_dir}",
+            f"--IMAGES={make_images(tmp_path / 'images')}",
+            f"--MIN_LENGTH={length}",
+            f"--MAX_LENGTH={length}",
+            f"--NUM_BEAMS={beams}",
+            "--PRECISION=fp32",
+            "--REFERENCES=None",
+            "--SHOW=never",
+            "--BATCH_SIZE=2",
+            f"--RESULTS_PATH={tmp_path / 'r.json'}",
+            f"--FIGURE_PATH={tmp_path / 'f.png'}",
+        ]
+    )
     assert len(out["images"]) == 3 and all(r["fine_tuned"] and r["base"] for r in out["images"])
     assert out["generate"]["min_new_tokens"] == out["generate"]["max_new_tokens"] == length - 1
     text = families.load(inference.read_model_dir(adapter_dir)["base"]).config.text_config
@@ -79,8 +92,16 @@ def test_equal_min_and_max_length_gives_captions_of_exactly_that_length(tmp_path
 
 def test_max_length_below_min_length_is_still_an_error(tmp_path, adapter_dir):
     with pytest.raises(inference.UserError, match="MAX_LENGTH >= MIN_LENGTH"):
-        inference.main([f"--ADAPTER_DIR={adapter_dir}", f"--IMAGES={make_images(tmp_path / 'images', 1)}",
-                        "--MIN_LENGTH=9", "--MAX_LENGTH=8", "--REFERENCES=None", "--SHOW=never"])
+        inference.main(
+            [
+                f"--ADAPTER_DIR={adapter_dir}",
+                f"--IMAGES={make_images(tmp_path / 'images', 1)}",
+                "--MIN_LENGTH=9",
+                "--MAX_LENGTH=8",
+                "--REFERENCES=None",
+                "--SHOW=never",
+            ]
+        )
 
 
 # ----------------------------------------------------------------------------- roofline helpers

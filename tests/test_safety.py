@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 import common
 import download_coco
@@ -30,10 +29,17 @@ import families
 import inference
 import train_blip
 from common import UserError
+from conftest import REPO
 
 ADAPTER_TARGETS = [t for t in families.Blip.lora_targets if t.startswith("vision_model")]
-FAST = ["--PRECISION=fp32", "--MAX_LENGTH=8", "--NUM_BEAMS=1", "--REFERENCES=None", "--SHOW=never",
-        "--COMPARE_BASE=False"]
+FAST = [
+    "--PRECISION=fp32",
+    "--MAX_LENGTH=8",
+    "--NUM_BEAMS=1",
+    "--REFERENCES=None",
+    "--SHOW=never",
+    "--COMPARE_BASE=False",
+]
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -70,9 +76,11 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 # ----------------------------------------------------------------------------- A: MERGE_TO
-def test_merge_to_refuses_folders_it_does_not_own_before_loading(tmp_path, tiny_blip_dir, adapter_dir, image,
-                                                                 monkeypatch):
+def test_merge_to_refuses_folders_it_does_not_own_before_loading(
+    tmp_path, tiny_blip_dir, adapter_dir, image, monkeypatch
+):
     """Old code: any folder with a config.json (the base model's own) was deleted and replaced."""
+
     def no_model(*a, **k):
         raise AssertionError("the model must not load before MERGE_TO is checked")
 
@@ -154,8 +162,11 @@ def test_truncated_adapter_weights(tmp_path, adapter_dir, image, cut):
         run(tmp_path, folder, image)
 
 
-@pytest.mark.parametrize("change", [{"r": "sixteen"}, {"r": -1}, {"lora_alpha": "x"}, {"lora_dropout": 2},
-                                    {"target_modules": 5}], ids=lambda c: next(iter(c)))
+@pytest.mark.parametrize(
+    "change",
+    [{"r": "sixteen"}, {"r": -1}, {"lora_alpha": "x"}, {"lora_dropout": 2}, {"target_modules": 5}],
+    ids=lambda c: next(iter(c)),
+)
 def test_invalid_adapter_config_values(tmp_path, adapter_dir, image, change, monkeypatch):
     monkeypatch.setattr(inference, "load_base", lambda *a: pytest.fail("checked before the model loads"))
     folder = damaged_copy(adapter_dir, tmp_path, "bad", **change)
@@ -170,8 +181,9 @@ def test_unknown_peft_type_is_an_invalid_config(tmp_path, adapter_dir, image):
         run(tmp_path, folder, image)
 
 
-def test_missing_target_modules_name_one_and_hint_only_for_another_base(tmp_path, adapter_dir, tiny_blip_dir,
-                                                                         image):
+def test_missing_target_modules_name_one_and_hint_only_for_another_base(
+    tmp_path, adapter_dir, tiny_blip_dir, image
+):
     folder = damaged_copy(adapter_dir, tmp_path, "targets", target_modules=["not_a_layer"])
     with pytest.raises(UserError, match="targets modules that are not in the base .*'not_a_layer'") as own:
         run(tmp_path, folder, image)
@@ -209,15 +221,27 @@ def test_none_only_where_the_default_is_none_or_documented(module):
 
 
 def test_typed_settings_named_in_the_issue_refuse_none():
-    named = [(download_coco, "OUTPUT_DIR"), (download_coco, "TIMEOUT"), (download_coco, "NUM_IMAGES"),
-             (train_blip, "LR"), (train_blip, "BATCH_SIZE"), (inference, "ADAPTER_DIR")]
+    named = [
+        (download_coco, "OUTPUT_DIR"),
+        (download_coco, "TIMEOUT"),
+        (download_coco, "NUM_IMAGES"),
+        (train_blip, "LR"),
+        (train_blip, "BATCH_SIZE"),
+        (inference, "ADAPTER_DIR"),
+    ]
     for module, name in named:
         with pytest.raises(UserError, match="cannot be None"):
             common.configure(vars(module), [f"--{name}=None"])
 
 
-LITERALS = {"recursion": "-" * 5000 + "1", "recursion2": "~" * 5000 + "1", "nesting": "[" * 5000,
-            "unhashable": "{[]: 1}", "huge_int": "1" + "0" * 400, "inf": "1e999"}
+LITERALS = {
+    "recursion": "-" * 5000 + "1",
+    "recursion2": "~" * 5000 + "1",
+    "nesting": "[" * 5000,
+    "unhashable": "{[]: 1}",
+    "huge_int": "1" + "0" * 400,
+    "inf": "1e999",
+}
 
 
 @pytest.mark.parametrize("text", LITERALS.values(), ids=LITERALS.keys())
@@ -272,11 +296,17 @@ def test_glob_over_a_symlink_loop_returns_at_once(tmp_path):
         Image.new("RGB", (8, 8)).save(root / rel)
     (root / "sub" / "up").symlink_to(root)  # a loop through the parent
     (root / "self").symlink_to(".")  # and one onto itself
-    code = ("import json, sys, inference; "
-            "print(json.dumps([str(p) for p in inference.find_images(sys.argv[1])]))")
+    code = (
+        "import json, sys, inference; print(json.dumps([str(p) for p in inference.find_images(sys.argv[1])]))"
+    )
     try:
-        done = subprocess.run([sys.executable, "-c", code, f"{root}/**/*.jpg"], cwd=REPO, capture_output=True,
-                              text=True, timeout=20)
+        done = subprocess.run(
+            [sys.executable, "-c", code, f"{root}/**/*.jpg"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("find_images hung on a symlink loop")
     assert done.returncode == 0, done.stderr

@@ -57,12 +57,23 @@ def write_dataset(folder: Path, items, source: Path) -> Path:
 @pytest.fixture(scope="module")
 def mirror_data(tmp_path_factory, coco_mirror) -> Path:
     """24 mirror images with the tutorial's mistake captions (22 train / 2 validation)."""
-    return write_dataset(tmp_path_factory.mktemp("data"), mirror_captions(coco_mirror)[:24], coco_mirror / "val2017")
+    return write_dataset(
+        tmp_path_factory.mktemp("data"), mirror_captions(coco_mirror)[:24], coco_mirror / "val2017"
+    )
 
 
 def args(model_dir, data_dir, out_dir, *extra) -> list[str]:
-    return [f"--MODEL_ID={model_dir}", f"--DATA_DIR={data_dir}", f"--OUTPUT_DIR={out_dir}", "--PRECISION=fp32",
-            "--NUM_WORKERS=0", "--LOG_EVERY=2", "--NUM_SAMPLE_CAPTIONS=1", "--MAX_CAPTION_TOKENS=24", *extra]
+    return [
+        f"--MODEL_ID={model_dir}",
+        f"--DATA_DIR={data_dir}",
+        f"--OUTPUT_DIR={out_dir}",
+        "--PRECISION=fp32",
+        "--NUM_WORKERS=0",
+        "--LOG_EVERY=2",
+        "--NUM_SAMPLE_CAPTIONS=1",
+        "--MAX_CAPTION_TOKENS=24",
+        *extra,
+    ]
 
 
 def load_adapter(out_dir: Path) -> dict:
@@ -110,10 +121,15 @@ def real_batch(model_dir, data_dir, n=4):
 def test_collate_puts_dec_token_first_and_masks_pads(tiny_blip_dir):
     family = families.load(str(tiny_blip_dir))
     processor = family.processor
-    captions = ["A dog.", "A pizza with burned edges iz sitting on thwisss table. thwisss iz funny.", "Two cats"]
+    captions = [
+        "A dog.",
+        "A pizza with burned edges iz sitting on thwisss table. thwisss iz funny.",
+        "Two cats",
+    ]
     ids = family.tokenize(captions, 64)
-    batch = family.collate([{"index": i, "input_ids": x, "pixel_values": torch.zeros(3, 8, 8)}
-                            for i, x in enumerate(ids)])
+    batch = family.collate(
+        [{"index": i, "input_ids": x, "pixel_values": torch.zeros(3, 8, 8)} for i, x in enumerate(ids)]
+    )
     lengths = [len(x) for x in ids]
     assert batch["input_ids"].shape == (3, max(lengths))  # padded to this batch's longest, not a fixed size
     assert (batch["input_ids"][:, 0] == 30522).all()  # [DEC], as generate() starts, not [CLS]
@@ -124,8 +140,9 @@ def test_collate_puts_dec_token_first_and_masks_pads(tiny_blip_dir):
     assert batch["pixel_values"].shape == (3, 3, 8, 8) and batch["pixel_rows"].tolist() == [0, 1, 2]
 
 
-def test_main_trains_on_batches_that_start_with_dec_and_mask_only_pads(tiny_blip_dir, mirror_data, tmp_path,
-                                                                       monkeypatch):
+def test_main_trains_on_batches_that_start_with_dec_and_mask_only_pads(
+    tiny_blip_dir, mirror_data, tmp_path, monkeypatch
+):
     """The batches main()'s own DataLoader yields (not a hand-built one): [DEC] first, then the caption's
     tokens as the tokenizer gives them, and labels that are -100 exactly on the pads."""
     seen = []
@@ -184,7 +201,9 @@ def test_default_lora_on_full_size_blip_has_344064_trainable_params(tmp_path):
 def test_unknown_lora_target_names_the_nearest_modules(tiny_blip_dir):
     family = families.load(str(tiny_blip_dir))
     model = family.load_model(str(tiny_blip_dir))
-    with pytest.raises(UserError, match=r"'vision_model.encoder.layers.6.self_attn.qkvv'.*nearest.*layers.6.self_attn.qkv"):
+    with pytest.raises(
+        UserError, match=r"'vision_model.encoder.layers.6.self_attn.qkvv'.*nearest.*layers.6.self_attn.qkv"
+    ):
         train_blip.resolve_targets(model, family, ["vision_model.encoder.layers.6.self_attn.qkvv"], False)
 
 
@@ -220,8 +239,16 @@ def test_columns_give_each_item_once_per_epoch_and_fixed_shards():
     assert step_sets(4, 1, 1) == step_sets(1, 4, 1) == step_sets(2, 1, 2)
     # Two processes: disjoint shards that stay the same every epoch (so each prefix cache stays small).
     c2 = train_blip.deal_columns(24, 4, 2, seed=0)
-    shards = [{i for e in range(3) for _, mbs in train_blip.epoch_steps(c2, e, 0, r, 2, 1) for mb in mbs for i in mb}
-              for r in (0, 1)]
+    shards = [
+        {
+            i
+            for e in range(3)
+            for _, mbs in train_blip.epoch_steps(c2, e, 0, r, 2, 1)
+            for mb in mbs
+            for i in mb
+        }
+        for r in (0, 1)
+    ]
     assert not shards[0] & shards[1] and len(shards[0]) == len(shards[1]) == 12
     # An uneven count wraps around so that both processes take the same number of full steps.
     c3 = train_blip.deal_columns(22, 4, 2, seed=0)
@@ -236,9 +263,12 @@ def test_split_is_seeded_and_keeps_a_validation_image():
 
 
 # ----------------------------------------------------------------------------- the prefix cache and precision
-@pytest.mark.parametrize("freeze_vision,lora,mode", [(False, True, "ram"), (True, True, "disk"), (False, False, "ram")])
-def test_prefix_cache_gives_identical_loss_and_gradients(seeing_tiny_blip_dir, mirror_data, tmp_path, freeze_vision,
-                                                         lora, mode):
+@pytest.mark.parametrize(
+    "freeze_vision,lora,mode", [(False, True, "ram"), (True, True, "disk"), (False, False, "ram")]
+)
+def test_prefix_cache_gives_identical_loss_and_gradients(
+    seeing_tiny_blip_dir, mirror_data, tmp_path, freeze_vision, lora, mode
+):
     """Cached and uncached forwards are the same computation in fp32: equal to the last bit.
     (LoRA from layer 6; the whole vision tower frozen; and a full fine-tune, where only pixels are cached.)
     On a model whose loss depends on the image, so a cache that loses the image shows in the loss."""
@@ -289,7 +319,8 @@ def test_bf16_autocasts_on_cpu_and_stays_within_2_percent_of_fp32(tiny_blip_dir,
     train_blip.cast_frozen_linears(blip, torch.bfloat16)
     seen = []
     blip.text_decoder.bert.encoder.layer[0].attention.self.query.register_forward_hook(
-        lambda m, i, out: seen.append(out.dtype))
+        lambda m, i, out: seen.append(out.dtype)
+    )
     wrapped = accelerator.prepare(core)
     with torch.no_grad():
         bf16 = wrapped(batch)
@@ -313,22 +344,37 @@ def test_outputs_follow_the_contract_and_load_both_ways(straight_run, tiny_blip_
     from transformers import BlipForConditionalGeneration
 
     out, results = straight_run
-    for name in ("adapter_config.json", "adapter_model.safetensors", "processor_config.json", "tokenizer.json",
-                 "training_config.json", "metrics.jsonl", "loss_curve.png", "train_results.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "training_config.json",
+        "metrics.jsonl",
+        "loss_curve.png",
+        "train_results.json",
+    ):
         assert (out / name).is_file(), name
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(Path(tiny_blip_dir).resolve())
     saved = json.loads((out / "train_results.json").read_text())
     assert saved == json.loads(json.dumps(results))
-    epochs = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["type"] == "epoch"]
+    epochs = [
+        m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["type"] == "epoch"
+    ]
     adapter = load_adapter(out)
     assert saved["trainable_params"] == sum(t.numel() for t in adapter.values()) == 28_672
     assert saved["epochs"] == len(epochs) == 2 and saved["optimizer_steps"] == 12
-    assert saved["final_train_loss"] == epochs[-1]["train_loss"] and saved["final_val_loss"] == epochs[-1]["val_loss"]
+    assert (
+        saved["final_train_loss"] == epochs[-1]["train_loss"]
+        and saved["final_val_loss"] == epochs[-1]["val_loss"]
+    )
     assert 0 < saved["final_train_loss"] < 20 and 0 < saved["final_val_loss"] < 20
     assert len(saved["epoch_samples_per_s"]) == 2 and all(r > 0 for r in saved["epoch_samples_per_s"])
-    assert saved["train_samples_per_s"] == saved["epoch_samples_per_s"][1]  # the steady epochs: all but the first
+    assert (
+        saved["train_samples_per_s"] == saved["epoch_samples_per_s"][1]
+    )  # the steady epochs: all but the first
     assert saved["peak_rss_mb"] > 100
     assert saved["prefix_cache"] == "ram" and saved["precision"] == "fp32"
     assert (saved["n_train"], saved["n_val"], saved["world_size"], saved["effective_batch"]) == (22, 2, 1, 4)
@@ -338,7 +384,13 @@ def test_outputs_follow_the_contract_and_load_both_ways(straight_run, tiny_blip_
     assert [c.name for c in checkpoints] == ["step-00000006", "step-00000012"]
     assert saved["last_checkpoint"] == str(checkpoints[-1])
     for c in checkpoints:
-        for name in ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "trainer_state.json"):
+        for name in (
+            "model.safetensors",
+            "optimizer.bin",
+            "scheduler.bin",
+            "random_states_0.pkl",
+            "trainer_state.json",
+        ):
             assert (c / name).is_file(), c / name
     assert json.loads((checkpoints[-1] / "trainer_state.json").read_text())["global_step"] == 12
     assert epochs[-1]["captions"][0]["target"].endswith("thwisss iz funny.")
@@ -350,13 +402,17 @@ def test_outputs_follow_the_contract_and_load_both_ways(straight_run, tiny_blip_
     assert loaded.keys() == adapter.keys()
     assert all(torch.equal(loaded[k], adapter[k]) for k in adapter)
     last = load_file(checkpoints[-1] / "model.safetensors")  # the checkpoint holds the same trainable weights
-    assert all(torch.equal(last["model." + k.replace(".weight", ".default.weight")], adapter[k]) for k in adapter)
+    assert all(
+        torch.equal(last["model." + k.replace(".weight", ".default.weight")], adapter[k]) for k in adapter
+    )
     native = BlipForConditionalGeneration.from_pretrained(out)  # transformers' adapter integration
     assert getattr(native, "_hf_peft_config_loaded", False)
     native_lora = {n: p for n, p in native.named_parameters() if "lora_" in n}
     assert len(native_lora) == 20
     for k, t in adapter.items():  # base_model.model.X.lora_A.weight -> X.lora_A.default.weight
-        assert torch.equal(native_lora[k.removeprefix("base_model.model.").replace(".weight", ".default.weight")], t), k
+        assert torch.equal(
+            native_lora[k.removeprefix("base_model.model.").replace(".weight", ".default.weight")], t
+        ), k
     # The merged weights, what an export gets: the base plus (alpha / r) * B @ A of the saved adapter.
     merged = peft_model.merge_and_unload().state_dict()
     base = BlipForConditionalGeneration.from_pretrained(tiny_blip_dir).state_dict()
@@ -367,8 +423,9 @@ def test_outputs_follow_the_contract_and_load_both_ways(straight_run, tiny_blip_
     assert torch.allclose(merged[qkv + ".weight"], base[qkv + ".weight"] + scale * b @ a, atol=1e-6)
 
 
-def test_resume_gives_identical_adapter_and_logged_losses(straight_run, tiny_blip_dir, mirror_data, tmp_path,
-                                                          count_optimizer_steps):
+def test_resume_gives_identical_adapter_and_logged_losses(
+    straight_run, tiny_blip_dir, mirror_data, tmp_path, count_optimizer_steps
+):
     from safetensors.torch import load_file, save_file
 
     straight, _ = straight_run
@@ -391,11 +448,14 @@ def test_resume_gives_identical_adapter_and_logged_losses(straight_run, tiny_bli
     save_file(weights, weights_path, metadata={"format": "pt"})
     train_blip.main(args(tiny_blip_dir, mirror_data, control, "--EPOCHS=2", "--NUM_WORKERS=0"))
     c = load_adapter(control)
-    assert not all(torch.equal(a[k], c[k]) for k in a), "the altered checkpoint changed nothing: it was not loaded"
+    assert not all(torch.equal(a[k], c[k]) for k in a), (
+        "the altered checkpoint changed nothing: it was not loaded"
+    )
 
 
-def test_ctrl_c_saves_a_checkpoint_mid_epoch_and_resume_matches(straight_run, tiny_blip_dir, mirror_data, tmp_path,
-                                                                 monkeypatch, capsys, count_optimizer_steps):
+def test_ctrl_c_saves_a_checkpoint_mid_epoch_and_resume_matches(
+    straight_run, tiny_blip_dir, mirror_data, tmp_path, monkeypatch, capsys, count_optimizer_steps
+):
     straight, _ = straight_run
     real_write = train_blip.write_metrics
 
@@ -425,8 +485,19 @@ def test_batch_size_and_accumulation_compute_the_same_step(tiny_blip_dir, mirror
     adapters = []
     for bs, ga in ((4, 1), (1, 4), (2, 2)):
         out = tmp_path / f"bs{bs}"
-        train_blip.main(args(tiny_blip_dir, mirror_data, out, "--MAX_STEPS=2", f"--BATCH_SIZE={bs}",
-                             f"--GRAD_ACCUM={ga}", "--LORA_DROPOUT=0.0", "--NUM_SAMPLE_CAPTIONS=0", "--LR=1e-3"))
+        train_blip.main(
+            args(
+                tiny_blip_dir,
+                mirror_data,
+                out,
+                "--MAX_STEPS=2",
+                f"--BATCH_SIZE={bs}",
+                f"--GRAD_ACCUM={ga}",
+                "--LORA_DROPOUT=0.0",
+                "--NUM_SAMPLE_CAPTIONS=0",
+                "--LR=1e-3",
+            )
+        )
         adapters.append(load_adapter(out))
     for other in adapters[1:]:
         assert all(torch.allclose(adapters[0][k], other[k], atol=1e-6) for k in other)
@@ -443,7 +514,9 @@ def test_full_fine_tune_saves_a_whole_model(tiny_blip_dir, mirror_data, tmp_path
     assert "preprocessed images" in results["prefix_cache_note"]
     loaded = BlipForConditionalGeneration.from_pretrained(tmp_path).state_dict()
     base = BlipForConditionalGeneration.from_pretrained(tiny_blip_dir).state_dict()
-    trained = load_file(tmp_path / "checkpoints" / "step-00000001" / "model.safetensors")  # every weight: all train
+    trained = load_file(
+        tmp_path / "checkpoints" / "step-00000001" / "model.safetensors"
+    )  # every weight: all train
     assert all(torch.equal(loaded[k.removeprefix("model.")], v) for k, v in trained.items())
     changed = [k for k in base if not torch.equal(loaded[k], base[k])]
     assert len(changed) > 100, changed  # one step of AdamW moves (nearly) every weight
@@ -452,18 +525,23 @@ def test_full_fine_tune_saves_a_whole_model(tiny_blip_dir, mirror_data, tmp_path
 def test_augment_and_disk_bound_switch_the_cache(tiny_blip_dir, mirror_data, tmp_path):
     r = train_blip.main(args(tiny_blip_dir, mirror_data, tmp_path / "a", "--AUGMENT=True", "--MAX_STEPS=1"))
     assert r["prefix_cache"] == "off" and "AUGMENT" in r["prefix_cache_note"]
-    r = train_blip.main(args(tiny_blip_dir, mirror_data, tmp_path / "d", "--PREFIX_CACHE_MAX_MB=0", "--MAX_STEPS=1"))
+    r = train_blip.main(
+        args(tiny_blip_dir, mirror_data, tmp_path / "d", "--PREFIX_CACHE_MAX_MB=0", "--MAX_STEPS=1")
+    )
     assert r["prefix_cache"] == "disk" and not list((tmp_path / "d").glob(".prefix_cache*"))
 
 
 # ----------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("content,message", [
-    (None, "captions.json not found"),
-    (b"{not json", "invalid JSON"),
-    (b"\xff\xfe{}", "not UTF-8"),
-    (b'["a.jpg"]', "expected a mapping"),
-    (b'{"a.jpg": 3}', "caption of 'a.jpg' is a int"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "captions.json not found"),
+        (b"{not json", "invalid JSON"),
+        (b"\xff\xfe{}", "not UTF-8"),
+        (b'["a.jpg"]', "expected a mapping"),
+        (b'{"a.jpg": 3}', "caption of 'a.jpg' is a int"),
+    ],
+)
 def test_bad_captions_json_is_one_clear_error(tmp_path, content, message):
     data = tmp_path / "data"
     data.mkdir()
@@ -489,8 +567,13 @@ def test_bad_images_are_skipped_with_one_warning(tiny_blip_dir, mirror_data, tmp
     (data / "empty.jpg").write_bytes(b"")
     (data / "text.jpg").write_text("hello")
     (data / "cut.jpg").write_bytes((mirror_data / name).read_bytes()[:2000])
-    caps = {n: caps[n] for n in list(caps)[:6]} | {"empty.jpg": "x", "text.jpg": "x", "cut.jpg": "x", "gone.jpg": "x",
-                                                  list(caps)[0].replace(".jpg", ".png"): "x"}
+    caps = {n: caps[n] for n in list(caps)[:6]} | {
+        "empty.jpg": "x",
+        "text.jpg": "x",
+        "cut.jpg": "x",
+        "gone.jpg": "x",
+        list(caps)[0].replace(".jpg", ".png"): "x",
+    }
     (data / "captions.json").write_text(json.dumps(caps))
     results = train_blip.main(args(tiny_blip_dir, data, tmp_path / "out", "--MAX_STEPS=1"))
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: skipped")]
@@ -506,16 +589,33 @@ def test_empty_dataset_is_a_clear_error_in_one_line(tmp_path):
     (data / "captions.json").write_text(json.dumps({"gone.jpg": "a caption"}))
     with pytest.raises(UserError, match="no usable images"):
         train_blip.main([f"--DATA_DIR={data}", f"--OUTPUT_DIR={tmp_path / 'out'}"])
-    run = subprocess.run([sys.executable, str(REPO / "train_blip.py"), f"--DATA_DIR={tmp_path / 'nothing'}",
-                          f"--OUTPUT_DIR={tmp_path / 'out'}"], capture_output=True, text=True, cwd=tmp_path)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train_blip.py"),
+            f"--DATA_DIR={tmp_path / 'nothing'}",
+            f"--OUTPUT_DIR={tmp_path / 'out'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert run.returncode == 2
-    assert run.stderr.strip().splitlines() == [f"error: {tmp_path / 'nothing' / 'captions.json'} not found: "
-                                               "run `python download_coco.py` first, or set DATA_DIR"]
+    assert run.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nothing' / 'captions.json'} not found: "
+        "run `python download_coco.py` first, or set DATA_DIR"
+    ]
 
 
 # ----------------------------------------------------------------------------- learning, shown honestly
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30),
-           "purple": (130, 40, 160), "white": (245, 245, 245)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (230, 220, 30),
+    "purple": (130, 40, 160),
+    "white": (245, 245, 245),
+}
 
 
 def colour_images(folder: Path, n: int, seed: int) -> dict[str, str]:
@@ -526,7 +626,9 @@ def colour_images(folder: Path, n: int, seed: int) -> dict[str, str]:
     folder.mkdir(parents=True)
     for i in range(n):
         name = list(COLOURS)[i % len(COLOURS)]
-        im = Image.new("RGB", (80, 80), tuple(min(255, max(0, v + rng.randint(-25, 25))) for v in COLOURS[name]))
+        im = Image.new(
+            "RGB", (80, 80), tuple(min(255, max(0, v + rng.randint(-25, 25))) for v in COLOURS[name])
+        )
         x, y = rng.randint(0, 60), rng.randint(0, 60)
         im.paste(rng.choice(list(COLOURS.values())), (x, y, x + 20, y + 20))
         im.save(folder / f"{i:03d}.png")
@@ -550,10 +652,24 @@ def test_learns_colour_names(tiny_blip_dir, tmp_path):
     colour_images(tmp_path / "train", 48, seed=0)
     held_out = colour_images(tmp_path / "test", 30, seed=1)
     out = tmp_path / "out"
-    results = train_blip.main(args(tiny_blip_dir, tmp_path / "train", out, "--USE_LORA=False", "--LR=2e-3",
-                                   "--EPOCHS=16", "--BATCH_SIZE=8", "--LOG_EVERY=1000", "--NUM_SAMPLE_CAPTIONS=0"))
-    epochs = [m["train_loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-              if m["type"] == "epoch"]
+    results = train_blip.main(
+        args(
+            tiny_blip_dir,
+            tmp_path / "train",
+            out,
+            "--USE_LORA=False",
+            "--LR=2e-3",
+            "--EPOCHS=16",
+            "--BATCH_SIZE=8",
+            "--LOG_EVERY=1000",
+            "--NUM_SAMPLE_CAPTIONS=0",
+        )
+    )
+    epochs = [
+        m["train_loss"]
+        for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if m["type"] == "epoch"
+    ]
     assert epochs[-1] < epochs[0] / 10 and results["final_val_loss"] < 1.0
     names = sorted(held_out)
     texts = greedy_captions(BlipForConditionalGeneration.from_pretrained(out), out, tmp_path / "test", names)
@@ -572,10 +688,23 @@ def test_learns_the_tutorial_mistakes_on_the_mirror(tiny_blip_dir, coco_mirror, 
     write_dataset(tmp_path / "train", items[:40], coco_mirror / "val2017")
     write_dataset(tmp_path / "test", items[-20:], coco_mirror / "val2017")
     out = tmp_path / "out"
-    train_blip.main(args(tiny_blip_dir, tmp_path / "train", out, "--LORA_TARGET_MODULES=all-linear", "--LR=3e-3",
-                         "--EPOCHS=16", "--BATCH_SIZE=8", "--VAL_FRACTION=0", "--LOG_EVERY=1000",
-                         "--NUM_SAMPLE_CAPTIONS=0"))
-    model = PeftModel.from_pretrained(BlipForConditionalGeneration.from_pretrained(tiny_blip_dir), out).get_base_model()
+    train_blip.main(
+        args(
+            tiny_blip_dir,
+            tmp_path / "train",
+            out,
+            "--LORA_TARGET_MODULES=all-linear",
+            "--LR=3e-3",
+            "--EPOCHS=16",
+            "--BATCH_SIZE=8",
+            "--VAL_FRACTION=0",
+            "--LOG_EVERY=1000",
+            "--NUM_SAMPLE_CAPTIONS=0",
+        )
+    )
+    model = PeftModel.from_pretrained(
+        BlipForConditionalGeneration.from_pretrained(tiny_blip_dir), out
+    ).get_base_model()
     names = [n for n, _ in items[-20:]]
     texts = greedy_captions(model, out, tmp_path / "test", names)
     assert sum(t.split()[-3:] == SUFFIX for t in texts) >= 0.95 * len(texts), texts

@@ -17,6 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import common
+import train_blip
+from common import UserError
 from conftest import (
     REPO,
     TRAIN_ENV,
@@ -29,14 +33,19 @@ from conftest import (
     train_in_process,
 )
 
-import common
-import train_blip
-from common import UserError
-
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-QUICK = ["--EPOCHS=1", "--BATCH_SIZE=4", "--VAL_FRACTION=0", "--MAX_STEPS=1", "--PRECISION=fp32",
-         "--NUM_SAMPLE_CAPTIONS=0", "--MAX_CAPTION_TOKENS=16", "--NUM_WORKERS=0", "--LOG_EVERY=1"]
+QUICK = [
+    "--EPOCHS=1",
+    "--BATCH_SIZE=4",
+    "--VAL_FRACTION=0",
+    "--MAX_STEPS=1",
+    "--PRECISION=fp32",
+    "--NUM_SAMPLE_CAPTIONS=0",
+    "--MAX_CAPTION_TOKENS=16",
+    "--NUM_WORKERS=0",
+    "--LOG_EVERY=1",
+]
 
 
 def one_line(e: pytest.ExceptionInfo) -> str:
@@ -79,8 +88,9 @@ def no_model_loading(monkeypatch):
 
 # ----------------------------------------------------------------------------- 1: names in captions.json
 @pytest.mark.parametrize("name", ["../x.jpg", "/etc/passwd", "sub/a.jpg", "..", "a\\b.jpg"])
-def test_a_captions_key_that_is_not_a_plain_name_is_one_error(tmp_path, tiny_blip_dir, name,
-                                                               no_model_loading):
+def test_a_captions_key_that_is_not_a_plain_name_is_one_error(
+    tmp_path, tiny_blip_dir, name, no_model_loading
+):
     data = tmp_path / "data"
     captions = make_good_images(data, n=4)
     (tmp_path / "x.jpg").write_bytes((data / "good_00.jpg").read_bytes())  # what "../x.jpg" would read
@@ -88,13 +98,15 @@ def test_a_captions_key_that_is_not_a_plain_name_is_one_error(tmp_path, tiny_bli
     (data / "sub" / "a.jpg").write_bytes((data / "good_00.jpg").read_bytes())
     (data / "captions.json").write_text(json.dumps({**captions, name: "a stolen file"}))
     with pytest.raises(UserError) as e:
-        train_in_process([f"--MODEL_ID={tiny_blip_dir}", f"--DATA_DIR={data}",
-                          f"--OUTPUT_DIR={tmp_path / 'o'}", *QUICK])
+        train_in_process(
+            [f"--MODEL_ID={tiny_blip_dir}", f"--DATA_DIR={data}", f"--OUTPUT_DIR={tmp_path / 'o'}", *QUICK]
+        )
     assert f"{name!r} is not a plain file name in DATA_DIR" in one_line(e)
 
 
-def test_a_link_out_of_data_dir_is_skipped_by_name_and_never_read(tmp_path, tiny_blip_dir, monkeypatch,
-                                                                   capsys):
+def test_a_link_out_of_data_dir_is_skipped_by_name_and_never_read(
+    tmp_path, tiny_blip_dir, monkeypatch, capsys
+):
     data = tmp_path / "data"
     captions = make_good_images(data, n=4)
     secret = tmp_path / "private" / "holiday.jpg"  # a real image outside DATA_DIR: it would decode fine
@@ -102,14 +114,17 @@ def test_a_link_out_of_data_dir_is_skipped_by_name_and_never_read(tmp_path, tiny
     secret.write_bytes((data / "good_01.jpg").read_bytes())
     (data / "escape.jpg").symlink_to(secret)
     (data / "inside.jpg").symlink_to(data / "good_02.jpg")  # a link that stays inside is fine
-    (data / "captions.json").write_text(json.dumps({**captions, "escape.jpg": "a link out",
-                                                    "inside.jpg": "a link in"}))
+    (data / "captions.json").write_text(
+        json.dumps({**captions, "escape.jpg": "a link out", "inside.jpg": "a link in"})
+    )
     opened = []
     real_open = common.open_image
-    monkeypatch.setattr(common, "open_image", lambda path, *a, **k: opened.append(Path(path)) or
-                        real_open(path, *a, **k))
-    results = train_in_process([f"--MODEL_ID={tiny_blip_dir}", f"--DATA_DIR={data}",
-                                f"--OUTPUT_DIR={tmp_path / 'o'}", *QUICK])
+    monkeypatch.setattr(
+        common, "open_image", lambda path, *a, **k: opened.append(Path(path)) or real_open(path, *a, **k)
+    )
+    results = train_in_process(
+        [f"--MODEL_ID={tiny_blip_dir}", f"--DATA_DIR={data}", f"--OUTPUT_DIR={tmp_path / 'o'}", *QUICK]
+    )
     assert results["skipped"] == [{"file": "escape.jpg", "reason": "a link to a file outside DATA_DIR"}]
     assert results["n_train"] == 5
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: skipped")]
@@ -130,16 +145,20 @@ def test_a_folder_we_did_not_write_is_refused_and_left_as_it_was(tmp_path, train
     before = snapshot(out)
     with pytest.raises(UserError) as e:
         train_in_process([*train_args, f"--OUTPUT_DIR={out}", "--RESUME=None"])
-    assert one_line(e) == (f"OUTPUT_DIR={str(out)!r} holds files that train_blip.py did not write "
-                           "(no training_config.json); choose an empty or new folder")
+    assert one_line(e) == (
+        f"OUTPUT_DIR={str(out)!r} holds files that train_blip.py did not write "
+        "(no training_config.json); choose an empty or new folder"
+    )
     assert snapshot(out) == before
     assert sorted(p.name for p in out.rglob("*")) == ["README.md", "checkpoints", "config.json", "keep.txt"]
 
 
-@pytest.mark.parametrize("where", ["model folder", "model folder with our marker", "inside the model folder",
-                                   "data folder"])
-def test_output_dir_overlapping_the_model_or_data_is_refused(tmp_path, tiny_blip_dir, train_data, where,
-                                                             no_model_loading):
+@pytest.mark.parametrize(
+    "where", ["model folder", "model folder with our marker", "inside the model folder", "data folder"]
+)
+def test_output_dir_overlapping_the_model_or_data_is_refused(
+    tmp_path, tiny_blip_dir, train_data, where, no_model_loading
+):
     model = tmp_path / "model"
     shutil.copytree(tiny_blip_dir, model)
     data = tmp_path / "data"
@@ -156,8 +175,9 @@ def test_output_dir_overlapping_the_model_or_data_is_refused(tmp_path, tiny_blip
     assert not (model / "run").exists()
 
 
-def test_resume_none_in_an_earlier_run_removes_only_our_checkpoints(finished, train_args, capsys,
-                                                                    count_optimizer_steps):
+def test_resume_none_in_an_earlier_run_removes_only_our_checkpoints(
+    finished, train_args, capsys, count_optimizer_steps
+):
     ckpt = finished / "checkpoints"
     (ckpt / "notes.txt").write_text("the user's own file\n")
     (ckpt / "best").mkdir()
@@ -174,12 +194,25 @@ def test_resume_none_in_an_earlier_run_removes_only_our_checkpoints(finished, tr
 
 # ----------------------------------------------------------------------------- 5: one run per OUTPUT_DIR
 def test_a_second_run_on_a_busy_output_dir_fails_at_once_and_the_first_finishes(
-        tmp_path, train_args, train_reference, no_model_loading):
+    tmp_path, train_args, train_reference, no_model_loading
+):
     out = tmp_path / "out"
     # Two of the reference's three epochs: the second reads back what the first put in the disk cache.
-    first = subprocess.Popen([sys.executable, str(REPO / "train_blip.py"), *train_args, f"--OUTPUT_DIR={out}",
-                              "--PREFIX_CACHE=disk", "--EPOCHS=2"], env=TRAIN_ENV, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "train_blip.py"),
+            *train_args,
+            f"--OUTPUT_DIR={out}",
+            "--PREFIX_CACHE=disk",
+            "--EPOCHS=2",
+        ],
+        env=TRAIN_ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while not (out / "metrics.jsonl").is_file():  # LOG_EVERY=1: the first step is done
@@ -198,8 +231,10 @@ def test_a_second_run_on_a_busy_output_dir_fails_at_once_and_the_first_finishes(
         if first.poll() is None:
             first.kill()
             first.communicate()
-    assert one_line(e) == (f"OUTPUT_DIR={str(out)!r} is in use by another run "
-                           f"(train_blip.py pid {first.pid}); wait for it, or choose another OUTPUT_DIR")
+    assert one_line(e) == (
+        f"OUTPUT_DIR={str(out)!r} is in use by another run "
+        f"(train_blip.py pid {first.pid}); wait for it, or choose another OUTPUT_DIR"
+    )
     assert seconds < 10
     assert first.returncode == 0, stderr[-3000:]
     # Unharmed: its disk prefix cache was not truncated under it, so its losses are the reference's.
@@ -222,18 +257,28 @@ def _drop_config(path: Path):
 DAMAGE = {
     "truncated model.safetensors": ("model.safetensors", _truncate, "model.safetensors is unreadable"),
     "missing optimizer.bin": ("optimizer.bin", Path.unlink, "optimizer.bin is missing or unreadable"),
-    "damaged random_states_0.pkl": ("random_states_0.pkl", lambda p: p.write_bytes(b"not a pickle"),
-                                    "random_states_0.pkl is missing or unreadable"),
-    "invalid trainer_state.json": ("trainer_state.json", lambda p: p.write_text('{"epoch": 3,'),
-                                   "trainer_state.json is unreadable (JSONDecodeError"),
-    "trainer_state.json without config": ("trainer_state.json", _drop_config,
-                                          "trainer_state.json is unreadable (KeyError: 'config')"),
+    "damaged random_states_0.pkl": (
+        "random_states_0.pkl",
+        lambda p: p.write_bytes(b"not a pickle"),
+        "random_states_0.pkl is missing or unreadable",
+    ),
+    "invalid trainer_state.json": (
+        "trainer_state.json",
+        lambda p: p.write_text('{"epoch": 3,'),
+        "trainer_state.json is unreadable (JSONDecodeError",
+    ),
+    "trainer_state.json without config": (
+        "trainer_state.json",
+        _drop_config,
+        "trainer_state.json is unreadable (KeyError: 'config')",
+    ),
 }
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_resumes_exactly(
-        finished, train_args, train_reference, damage, capsys, count_optimizer_steps):
+    finished, train_args, train_reference, damage, capsys, count_optimizer_steps
+):
     name, spoil, problem = DAMAGE[damage]
     newest = finished / "checkpoints" / "step-00000018"
     spoil(newest / name)
@@ -248,8 +293,9 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_resumes_exact
     assert logged(finished) == logged(train_reference)
 
 
-def test_the_previous_checkpoint_is_really_loaded(finished, train_args, train_reference,
-                                                  count_optimizer_steps):
+def test_the_previous_checkpoint_is_really_loaded(
+    finished, train_args, train_reference, count_optimizer_steps
+):
     """The control: alter the fallback checkpoint's weights, and the run must end differently."""
     from safetensors.torch import load_file, save_file
 
@@ -271,11 +317,14 @@ def test_every_checkpoint_damaged_is_one_error(finished, train_args, capsys):
         (ckpt / "optimizer.bin").unlink()
     with pytest.raises(UserError) as e:
         train_in_process([*train_args, f"--OUTPUT_DIR={finished}"])
-    assert one_line(e) == (f"every checkpoint in {finished / 'checkpoints'} is damaged (see above); "
-                           "rerun with --RESUME=None to start fresh")
+    assert one_line(e) == (
+        f"every checkpoint in {finished / 'checkpoints'} is damaged (see above); "
+        "rerun with --RESUME=None to start fresh"
+    )
     warnings = checkpoint_warnings(capsys)
-    assert [w.split()[2] for w in warnings] == [str(finished / "checkpoints" / f"step-000000{s}")
-                                                for s in (18, 16)]
+    assert [w.split()[2] for w in warnings] == [
+        str(finished / "checkpoints" / f"step-000000{s}") for s in (18, 16)
+    ]
     assert not (finished / "adapter_model.safetensors").exists()
 
 
@@ -290,8 +339,9 @@ def test_a_checkpoint_refuses_a_different_number_of_processes(finished, train_ar
 
 # ----------------------------------------------------------------------------- 10: no NaN adapter
 @pytest.mark.parametrize("lr", ["1e999", "nan", "0", "-1", "-1e-5"])
-def test_a_non_finite_or_non_positive_lr_is_refused_before_anything(tmp_path, train_args, lr,
-                                                                     no_model_loading):
+def test_a_non_finite_or_non_positive_lr_is_refused_before_anything(
+    tmp_path, train_args, lr, no_model_loading
+):
     out = tmp_path / "out"
     with pytest.raises(UserError) as e:
         train_in_process([*train_args, f"--OUTPUT_DIR={out}", f"--LR={lr}"])
@@ -338,7 +388,12 @@ def test_a_nan_loss_never_overwrites_a_good_adapter(tmp_path, train_reference, t
         train_in_process([*train_args, f"--OUTPUT_DIR={out}", "--EPOCHS=4"])
     assert "the loss became nan at optimizer step 21" in one_line(e)
     after = snapshot(out)
-    for name in ("adapter_model.safetensors", "adapter_config.json", "train_results.json",
-                 "training_config.json", "checkpoints/step-00000018/model.safetensors"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "train_results.json",
+        "training_config.json",
+        "checkpoints/step-00000018/model.safetensors",
+    ):
         assert after[name] == before[name], name
     assert sorted(os.listdir(out / "checkpoints")) == ["step-00000018", "step-00000020"]  # 20: before the NaN
