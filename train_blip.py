@@ -606,16 +606,7 @@ def plan_prefix_cache(
     )
     if mode == "off":
         return None, mode, line
-    k = prefix_stages
-    what = (
-        "the whole vision output"
-        if k == len(stages)
-        else f"embeddings + vision layers 0-{k - 2}"
-        if k > 1
-        else "the vision embeddings"
-        if k == 1
-        else f"the preprocessed images only ({why_not})"
-    )
+    what = cached_part(prefix_stages, len(stages), why_not)
     return (
         PrefixCache(indices, shape, dtype, mode, spill_path),
         mode,
@@ -743,13 +734,24 @@ def cast_frozen_linears(model, dtype) -> int:
 
 def frozen_prefix_length(stages) -> tuple[int, str]:
     """How many leading vision stages are frozen and deterministic (no trainable parameter, no active
-    dropout), so their output is a pure function of the image. Returns (k, reason if k == 0)."""
-    for k, stage in enumerate(stages):
+    dropout), so their output is a pure function of the image. Returns (that count, why it is 0)."""
+    for index, stage in enumerate(stages):
         if any(p.requires_grad for p in stage.parameters()):
-            return k, "the vision embeddings are trained" if k == 0 else ""
+            return index, "the vision embeddings are trained" if index == 0 else ""
         if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in stage.modules()):
-            return k, "the vision embeddings have dropout" if k == 0 else ""
+            return index, "the vision embeddings have dropout" if index == 0 else ""
     return len(stages), ""
+
+
+def cached_part(prefix_stages: int, n_stages: int, why_not: str) -> str:
+    """What the prefix cache holds, in words, for its log line."""
+    if prefix_stages == n_stages:
+        return "the whole vision output"
+    if prefix_stages > 1:
+        return f"embeddings + vision layers 0-{prefix_stages - 2}"
+    if prefix_stages == 1:
+        return "the vision embeddings"
+    return f"the preprocessed images only ({why_not})"
 
 
 # ----------------------------------------------------------------------------- one training step
