@@ -181,7 +181,7 @@ def our_captions(cfg: dict, paths: list[Path]) -> dict:
         "timed_s": elapsed,
         "images": len(paths),
         "batch_size": batch,
-        "precision": str(dtype).replace("torch.", ""),
+        "precision": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
         "example": captions[0],
         "flops": flops_of(count, len(warm)),
     }
