@@ -136,8 +136,11 @@ def check_folders(cfg: dict) -> None:
     where = {n: Path(cfg[n]).resolve() for n in names}  # resolve(): symlinks and '..' cannot hide it
     for a, b in itertools.combinations(names, 2):
         if where[a] == where[b] or where[a] in where[b].parents or where[b] in where[a].parents:
+            # Name the resolved paths only where they say more than the settings (a symlink, '..').
+            same = (str(where[a]), str(where[b])) == (str(cfg[a]), str(cfg[b]))
+            resolved = "" if same else f" (as {where[a]} and {where[b]})"
             raise common.UserError(
-                f"{a}={cfg[a]!r} and {b}={cfg[b]!r} overlap ({where[a]} vs {where[b]}); use separate folders"
+                f"{a}={cfg[a]!r} and {b}={cfg[b]!r} overlap{resolved}; use separate folders"
             )
 
 
