@@ -712,23 +712,28 @@ def trainable_names(module) -> set[str]:
 
 def cast_frozen_linears(model, dtype) -> int:
     """Keep frozen nn.Linear weights in the autocast dtype. Autocast rounds them to that dtype on every
-    use anyway, so results are identical; this only saves the per-step cast and half their memory.
-    Weights shared with another module (BLIP ties the LM head to the word embeddings) are left alone."""
-    seen = set()
-    shared = set()
-    for _, p in model.named_parameters(remove_duplicate=False):
-        (shared if id(p) in seen else seen).add(id(p))
+    use anyway, so results agree (to the order kernels sum in); this saves the per-step cast and half
+    their memory.
+    A weight the Linear shares with another module (BLIP ties the LM head to the word embeddings) gets
+    a frozen copy of its own in that dtype, so the embedding lookup keeps its fp32 table while the
+    head skips a 30k x 768 cast on every step; shared weights that train are left alone."""
+    users = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            users.setdefault(id(p), []).append(module)
     converted = 0
     for module in model.modules():
-        if (
-            isinstance(module, torch.nn.Linear)
-            and not module.weight.requires_grad
-            and id(module.weight) not in shared
-        ):
-            for p in (module.weight, module.bias):
-                if p is not None and not p.requires_grad:
-                    p.data = p.data.to(dtype)
-                    converted += p.numel()
+        if not isinstance(module, torch.nn.Linear) or module.weight.requires_grad:
+            continue
+        for name in ("weight", "bias"):
+            p = getattr(module, name)
+            if p is None or p.requires_grad or p.dtype == dtype:
+                continue
+            if len(users[id(p)]) > 1:  # untie: a frozen copy for this Linear only
+                setattr(module, name, torch.nn.Parameter(p.detach().to(dtype), requires_grad=False))
+            else:
+                p.data = p.data.to(dtype)
+            converted += p.numel()
     return converted
 
 
@@ -758,13 +763,13 @@ def cached_part(prefix_stages: int, n_stages: int, why_not: str) -> str:
 def caption_loss(logits, targets, label_smoothing: float = 0.0):
     """Cross-entropy of aligned logits and targets (-100: not learnt), averaged over each caption's
     own tokens: one loss per caption."""
-    token_loss = F.cross_entropy(
-        logits.float().transpose(1, 2),
-        targets,
+    token_loss = F.cross_entropy(  # over (tokens, vocab) rows: the softmax runs along contiguous memory
+        logits.float().flatten(0, 1),
+        targets.flatten(),
         ignore_index=-100,
         reduction="none",
         label_smoothing=label_smoothing,
-    )
+    ).view_as(targets)
     return token_loss.sum(1) / (targets != -100).sum(1).clamp(min=1)
 
 

@@ -4,6 +4,7 @@
   LoRA gradients, generated captions) in fp32, before or after get_peft_model, and falls back to
   eager when attention maps are requested.
 - bf16 autocast: one training step's loss is within 2% of the fp32 loss on the same real batch.
+- families._sdpa in bf16 with gradients on a CPU: matmul + softmax, as close to fp32 as bf16 SDPA.
 - common.resolve_precision("auto", "cpu") picks bf16 exactly where the CPU runs bf16 matmuls faster than fp32.
 
 The speed itself is measured in benchmarks/, not here.
@@ -200,6 +201,49 @@ def test_enable_sdpa_is_idempotent_and_can_skip_text(tiny_blip_dir):
     assert families.enable_blip_sdpa(model, text=False) == 10
     assert families.enable_blip_sdpa(model) == 24
     assert families.enable_blip_sdpa(model) == 24
+
+
+def _attention_case(q_len, kv_len, mask):
+    """Seeded q/k/v (batch 2, 4 heads, head size 16), an output gradient, and a mask: None, an
+    additive float mask hiding the last 3 keys, or a causal bool mask."""
+    gen = torch.Generator().manual_seed(q_len * 100 + kv_len)
+    q, g = (torch.randn(2, 4, q_len, 16, generator=gen) for _ in range(2))
+    k, v = (torch.randn(2, 4, kv_len, 16, generator=gen) for _ in range(2))
+    if mask == "additive":
+        mask = torch.zeros(2, 1, 1, kv_len)
+        mask[..., -3:] = torch.finfo(torch.float32).min
+    elif mask == "causal":
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool).tril()
+    return q, k, v, g, mask
+
+
+def _attend(attend, q, k, v, g, mask, dtype):
+    """attend(q, k, v, mask) in `dtype` with gradients: (output, dq, dk, dv) in fp32."""
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    out = attend(*leaves, mask)
+    out.backward(g.to(dtype))
+    return [out.detach().float()] + [x.grad.float() for x in leaves]
+
+
+@pytest.mark.parametrize("q_len, kv_len, mask", [(33, 33, None), (7, 33, "additive"), (9, 9, "causal")])
+def test_bf16_cpu_training_attention_takes_matmuls_and_matches_sdpa(q_len, kv_len, mask):
+    """families._sdpa trains bf16 on a CPU through matmul + softmax (the fused kernel's backward is
+    slower there); its output and gradients are as close to fp32 as bf16 SDPA's, and without
+    gradients (captioning, the prefix cache) the fused kernel still runs."""
+    q, k, v, g, mask = _attention_case(q_len, kv_len, mask)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    exact = _attend(lambda *a: sdpa(*a[:3], attn_mask=a[3]), q, k, v, g, mask, torch.float32)
+    mask_bf16 = mask.bfloat16() if mask is not None and mask.dtype.is_floating_point else mask
+    fused = _attend(lambda *a: sdpa(*a[:3], attn_mask=mask_bf16), q, k, v, g, mask, torch.bfloat16)
+    with counting_sdpa() as calls:
+        ours = _attend(lambda *a: families._sdpa(*a, 0.0), q, k, v, g, mask, torch.bfloat16)
+    assert not calls, "with gradients, bf16 CPU attention should not call the fused kernel"
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), ours, fused, exact, strict=True):
+        ours_err, fused_err = ((a - c).norm() / c.norm()).item(), ((b - c).norm() / c.norm()).item()
+        assert ours_err <= 2 * fused_err + 1e-3, f"{name}: {ours_err:.4f} vs bf16 SDPA {fused_err:.4f}"
+    with counting_sdpa() as calls, torch.no_grad():
+        out = families._sdpa(*(x.bfloat16() for x in (q, k, v)), mask, 0.0)
+    assert len(calls) == 1 and torch.allclose(out.float(), exact[0], rtol=0.05, atol=0.05)
 
 
 def test_bf16_step_loss_within_2_percent_of_fp32(tiny_blip_dir, real_batch, eager):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import BlipConfig
 
@@ -315,18 +316,45 @@ def test_bf16_autocasts_on_cpu_and_stays_within_2_percent_of_fp32(tiny_blip_dir,
     with torch.no_grad():
         fp32 = core(batch)
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision="bf16")
-    train_blip.cast_frozen_linears(blip, torch.bfloat16)
+    wrapped = Accelerator(mixed_precision="bf16").prepare(core)
+    with torch.no_grad():
+        rounded_per_use = wrapped(batch)
     seen = []
     blip.text_decoder.bert.encoder.layer[0].attention.self.query.register_forward_hook(
         lambda m, i, out: seen.append(out.dtype)
     )
-    wrapped = accelerator.prepare(core)
+    train_blip.cast_frozen_linears(blip, torch.bfloat16)
     with torch.no_grad():
         bf16 = wrapped(batch)
     AcceleratorState._reset_state(reset_partial_state=False)
     assert seen == [torch.bfloat16]  # accelerate really autocasts on CPU
     assert ((bf16 - fp32).abs() / fp32).max() < 0.02
+    # Casting the frozen weights ahead is what autocast did on each use (kernels may sum in another order).
+    torch.testing.assert_close(bf16, rounded_per_use, rtol=1e-4, atol=0)
+    # The LM head, tied to the word embeddings, gets a bf16 copy; the embedding table stays fp32.
+    head = blip.text_decoder.cls.predictions.decoder
+    table = blip.text_decoder.bert.embeddings.word_embeddings
+    assert head.weight.dtype == torch.bfloat16 and table.weight.dtype == torch.float32
+    assert torch.equal(head.weight, table.weight.bfloat16())
+
+
+def test_caption_loss_is_cross_entropy_per_caption():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=gen).bfloat16().requires_grad_()
+    targets = torch.randint(0, 11, (3, 5), generator=gen)
+    targets[0, :2] = targets[2, :] = -100  # not learnt; a caption with nothing to learn counts 0
+    for smoothing in (0.0, 0.1):
+        losses = train_blip.caption_loss(logits, targets, smoothing)
+        for row in range(3):
+            kept = targets[row] != -100
+            expected = (
+                F.cross_entropy(logits[row][kept].float(), targets[row][kept], label_smoothing=smoothing)
+                if kept.any()
+                else torch.tensor(0.0)
+            )
+            torch.testing.assert_close(losses[row], expected)
+        (grad,) = torch.autograd.grad(losses.sum(), logits)
+        assert grad[2].abs().sum() == 0 and grad[0, :2].abs().sum() == 0 and grad[1].abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------- whole runs
