@@ -474,6 +474,11 @@ def main(argv=None):
         for key in ("baseline", "baseline_flushed", "ours"):
             if "roofline" in report.get(key, {}):
                 print(roofline.describe(key, report[key]["roofline"], "sample"))
+        if "time_breakdown" in report.get("ours", {}).get("flops", {}):
+            print(
+                f"{'ours, profiled':>16}: "
+                + roofline.describe_breakdown(report["ours"]["flops"]["time_breakdown"])
+            )
     common.atomic_write_json(results_path, report)
     # The headline compares with the flushed baseline where there is one: it is the fairer (the
     # slower figure as written may be an artefact of random weights), and the smaller ratio.

@@ -17,6 +17,7 @@ step through train_blip.optimizer_step with the prefix cache already filled: the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -147,10 +148,12 @@ def describe(name: str, fig: dict, unit: str) -> str:
 
 
 # ----------------------------------------------------------------------------- train_blip.py's step
-def train_step_flops(model_id: str, data_dir: str, train_args=(), out_dir: str | None = None) -> dict:
-    """Count one steady-state optimizer step of train_blip.py (its defaults plus `train_args`):
-    its model (LoRA, SDPA), its first step's batch, its prefix cache filled beforehand, then
-    train_blip.optimizer_step under FlopCounterMode. Returns FLOPs per sample and the breakdown."""
+@contextlib.contextmanager
+def steady_step(model_id: str, data_dir: str, train_args=(), out_dir: str | None = None):
+    """train_blip.py's objects (its defaults plus `train_args`: its model with LoRA and SDPA, its
+    precision, its prefix cache filled beforehand) and `step()`, which runs its next optimizer step
+    through train_blip.optimizer_step: the work of a steady-state step, which is what train_blip.py's
+    samples/s (epochs after the first) measures. Yields (step, info); steps cycle over the epochs."""
     import tempfile
 
     import torch
@@ -177,10 +180,16 @@ def train_step_flops(model_id: str, data_dir: str, train_args=(), out_dir: str |
         family, model = train_blip.build_model(cfg, run)
         data = train_blip.plan_data(cfg, run, family, model, items, skipped)
         training = train_blip.prepare_training(cfg, run, family, model, data)
-        n_global, micro_batches = train_blip.epoch_steps(
-            data.columns, 0, cfg["SEED"], 0, cfg["BATCH_SIZE"], cfg["GRAD_ACCUM"]
-        )[0]
-        batches = [[data.train_ids[i] for i in mb] for mb in micro_batches if mb]
+        steps = [
+            step
+            for epoch in range(4)
+            for step in train_blip.epoch_steps(
+                data.columns, epoch, cfg["SEED"], 0, cfg["BATCH_SIZE"], cfg["GRAD_ACCUM"]
+            )
+        ]
+        batches = [
+            [data.train_ids[i] for i in mb] for _, micro_batches in steps for mb in micro_batches if mb
+        ]
         training.prepared_model.train()
         if data.cache is not None:  # steady state: the frozen prefix of these images is cached
             for batch in train_blip.make_loader(data, family, batches, 0, cfg["SEED"]):
@@ -189,22 +198,101 @@ def train_step_flops(model_id: str, data_dir: str, train_args=(), out_dir: str |
                 )
             data.dataset.skip_images = frozenset(data.cache.filled)
         loader = iter(train_blip.make_loader(data, family, batches, 0, cfg["SEED"]))
-        tokens = [int(data.dataset.token_ids[i].size) for b in batches for i in b]
-        with FlopCount() as count:
+        done = []
+
+        def step() -> int:
+            """The next optimizer step; returns its number of samples."""
+            n_global, micro_batches = steps[len(done)]
             train_blip.optimizer_step(
                 training, micro_batches, n_global, loader, data.cache, cfg["MAX_GRAD_NORM"]
             )
-        if data.cache is not None:
-            data.cache.close()
-    samples = sum(len(b) for b in batches)
-    del model, training
-    return {
-        "flops_per_sample": count.total / samples,
-        "flops_step": count.total,
-        "samples": samples,
-        "caption_tokens": tokens,
-        "prefix_stages_cached": data.prefix_stages,
-        "precision": precision,
-        "by_op_gflop": {k: round(v / 1e9, 2) for k, v in count.by_op.items()},
-        "note": FLOP_NOTE,
+            done.append(sum(map(len, micro_batches)))
+            return done[-1]
+
+        info = {
+            "precision": precision,
+            "prefix_stages_cached": data.prefix_stages,
+            "full_batch": cfg["BATCH_SIZE"] * cfg["GRAD_ACCUM"],
+            "steps_available": len(steps),
+            "caption_tokens": [int(data.dataset.token_ids[i].size) for b in batches[:1] for i in b],
+        }
+        try:
+            yield step, info
+        finally:
+            if data.cache is not None:
+                data.cache.close()
+
+
+def train_step_flops(
+    model_id: str, data_dir: str, train_args=(), out_dir: str | None = None, profile_steps: int = 2
+) -> dict:
+    """Count one steady-state optimizer step of train_blip.py (steady_step) under FlopCounterMode,
+    then run `profile_steps` more under torch.profiler. Returns FLOPs per sample, the breakdown by
+    op, and where the profiled steps' time went (time_breakdown)."""
+    import torch
+
+    with steady_step(model_id, data_dir, train_args, out_dir) as (step, info):
+        with FlopCount() as count:
+            samples = step()
+        result = {
+            "flops_per_sample": count.total / samples,
+            "flops_step": count.total,
+            "samples": samples,
+            **info,
+            "by_op_gflop": {k: round(v / 1e9, 2) for k, v in count.by_op.items()},
+            "note": FLOP_NOTE,
+        }
+        if profile_steps:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+                profiled = sum(step() for _ in range(profile_steps))
+            result["time_breakdown"] = time_breakdown(profile, count.total / samples * profiled)
+    return result
+
+
+# ----------------------------------------------------------------------------- where the time goes
+# torch.profiler's CPU ops, grouped: what runs at the matmul ceiling and what cannot.
+_KINDS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_weight_int8pack_mm"),
+    "softmax": ("aten::_softmax", "aten::_softmax_backward_data", "aten::_log_softmax",
+                "aten::_log_softmax_backward_data"),
+    "casts and copies": ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::cat", "aten::fill_",
+                         "aten::zero_"),
+    "norms and activations": ("aten::native_layer_norm", "aten::native_layer_norm_backward", "aten::gelu",
+                              "aten::gelu_backward", "aten::tanh", "aten::tanh_backward"),
+    "dropout": ("aten::bernoulli_", "aten::native_dropout", "aten::native_dropout_backward"),
+}  # fmt: skip
+
+
+def time_breakdown(profile, flops: float | None = None) -> dict:
+    """Self CPU milliseconds of a torch.profiler run by kind of op (fused attention kernels are their
+    own kind; every other aten op is "other elementwise"), with each kind's share; given the counted
+    FLOPs of the same work, also the rate the matmul and attention kernels themselves reached."""
+    kinds: dict[str, float] = {}
+    for event in profile.key_averages():
+        name = event.key
+        if not name.startswith("aten::"):
+            continue
+        kind = next((k for k, names in _KINDS.items() if name in names), None)
+        if kind is None:
+            kind = "fused attention" if "scaled_dot_product" in name else "other elementwise"
+        kinds[kind] = kinds.get(kind, 0.0) + event.self_cpu_time_total / 1e3
+    total = sum(kinds.values())
+    out = {
+        "total_ms": round(total, 1),
+        "by_kind": {
+            k: {"ms": round(v, 1), "share": round(v / total, 3)}
+            for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])
+        },
     }
+    compute_ms = kinds.get("matmul", 0.0) + kinds.get("fused attention", 0.0)
+    if flops and compute_ms:
+        out["matmul_and_attention_kernels_gflops"] = round(flops / compute_ms / 1e6, 1)
+    return out
+
+
+def describe_breakdown(fig: dict) -> str:
+    kinds = ", ".join(f"{k} {v['share']:.0%}" for k, v in fig["by_kind"].items() if v["share"] >= 0.01)
+    rate = fig.get("matmul_and_attention_kernels_gflops")
+    return f"{fig['total_ms']:.0f} ms of CPU ops: {kinds}" + (
+        f"; the matmul and attention kernels alone ran at {rate:.0f} GFLOP/s" if rate else ""
+    )

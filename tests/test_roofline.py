@@ -126,3 +126,28 @@ def test_share_of_the_ceiling():
     assert fig["achieved_gflops"] == 300.0 and fig["percent_of_ceiling"] == 75.0
     c = roofline.matmul_ceiling("fp32", shapes=[(64, 32, 48)], repeats=2)
     assert c["gflops"] > 0 and c["precision"] == "fp32" and list(c["per_shape_gflops"]) == ["64x32x48"]
+
+
+def test_time_breakdown_groups_profiled_ops_by_kind():
+    x = torch.randn(768, 768)  # a few ms of matmul: its time is rounded to 0.1 ms
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        y = x @ x
+        y.softmax(-1)
+        y.to(torch.bfloat16)
+        torch.nn.functional.gelu(y)
+    fig = roofline.time_breakdown(profile, flops=2 * 768**3)
+    assert {"matmul", "softmax", "casts and copies", "norms and activations"} <= fig["by_kind"].keys()
+    assert sum(k["share"] for k in fig["by_kind"].values()) == pytest.approx(1, abs=0.01)
+    matmul_ms = fig["by_kind"]["matmul"]["ms"]
+    assert fig["matmul_and_attention_kernels_gflops"] == pytest.approx(2 * 768**3 / matmul_ms / 1e6, rel=0.1)
+    assert "matmul" in roofline.describe_breakdown(fig)
+
+
+def test_train_step_figures_count_and_profile_train_blips_own_step(tiny_blip_dir, train_data, tmp_path):
+    fig = roofline.train_step_flops(str(tiny_blip_dir), str(train_data), ["--PRECISION=fp32"], str(tmp_path))
+    assert (
+        fig["precision"] == "fp32" and fig["prefix_stages_cached"] > 0
+    )  # the tutorial's LoRA starts at layer 6
+    assert fig["flops_per_sample"] > 0 and fig["by_op_gflop"]
+    assert fig["time_breakdown"]["by_kind"]["matmul"]["ms"] > 0
+    assert list(tmp_path.iterdir()) == []  # its scratch output folder is gone
