@@ -312,6 +312,42 @@ def cpu_bf16_is_faster(min_speedup: float = 1.3) -> bool:
     return best_time(a, b) / best_time(a.bfloat16(), b.bfloat16()) >= min_speedup
 
 
+def memory_growth(fn, device: str = "cpu"):
+    """Run fn() and return (its result, the most memory it added, in bytes, the memory free after).
+
+    On a CPU: the process's resident memory, sampled every 10 ms on a thread while fn runs, over
+    what it held before; free is what the OS says is available. On CUDA: torch's peak allocation on
+    that device over what was allocated before, and the device's free memory."""
+    import threading
+
+    import psutil
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        return result, torch.cuda.max_memory_allocated(device) - before, torch.cuda.mem_get_info(device)[0]
+    process = psutil.Process()
+    before = process.memory_info().rss
+    peak = [before]
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(0.01):
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        watcher.join()
+    grown = max(peak[0], process.memory_info().rss) - before
+    return result, grown, psutil.virtual_memory().available
+
+
 def torch_dtype(precision: str):
     """'fp32' | 'bf16' | 'fp16' -> the torch dtype."""
     import torch

@@ -11,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -138,6 +139,45 @@ def test_decoding_is_deterministic_and_batching_changes_nothing(loaded, pics, se
     one_by_one = [inference.caption_images(model, family, [p], batch_size=1, **settings)[0] for p in pics]
     assert batched == one_by_one
     assert len(set(batched)) > 1, "captions should depend on the image, or this test proves nothing"
+
+
+@pytest.mark.parametrize("free_gb, sizes", [(64, [8, 12]), (0.001, [8, 8, 4])], ids=["room", "tight"])
+def test_auto_batch_size_grows_to_what_free_memory_holds(tmp_path, adapter_dir, monkeypatch, free_gb, sizes):
+    """BATCH_SIZE="auto": the first batch of 8 is measured, then the rest go in batches of what half
+    the free memory holds (here capped by the images left, or kept at 8); captions as with one batch."""
+    folder = tmp_path / "pics"
+    make_images(folder, 20)
+    seen = []
+    real = inference.caption_both
+
+    def spy(model, base_model, family, images, *rest):
+        seen.append(len(images))
+        return real(model, base_model, family, images, *rest)
+
+    monkeypatch.setattr(inference, "caption_both", spy)
+    monkeypatch.setattr(common, "memory_growth", lambda fn, device: (fn(), 100 << 20, int(free_gb * 2**30)))
+    auto = run(tmp_path, f"--ADAPTER_DIR={adapter_dir}", f"--IMAGES={folder}", "--COMPARE_BASE=False")
+    assert seen == sizes
+    seen.clear()
+    one = run(
+        tmp_path,
+        f"--ADAPTER_DIR={adapter_dir}",
+        f"--IMAGES={folder}",
+        "--COMPARE_BASE=False",
+        "--BATCH_SIZE=20",
+    )
+    assert seen == [20]
+    assert [r["fine_tuned"] for r in auto["images"]] == [r["fine_tuned"] for r in one["images"]]
+
+
+def test_memory_growth_sees_what_a_call_allocates():
+    def allocate():
+        block = torch.ones(256, (1 << 20) // 4)  # 256 MB, every page written
+        time.sleep(0.05)  # the sampler runs every 10 ms
+        return float(block[-1, -1])
+
+    result, grown, free = common.memory_growth(allocate)
+    assert result == 1.0 and grown >= 200 << 20 and free > 0
 
 
 def test_shared_vision_forward_equals_blip_generate(loaded, pics):
@@ -541,7 +581,7 @@ def test_the_model_sees_the_right_pixels(nasty, loaded):
     processor = family.processor
     names = ["exif_rotated.jpg", "cmyk.jpg", "rgba.png", "palette.png", "gray16.png", "gray.jpg"]
     skipped = []
-    batches = list(inference.read_batches([folder / n for n in names], 8, skipped))
+    batches = list(inference.read_batches([folder / n for n in names], inference.BatchSize(8), skipped))
     assert not skipped
     pixels = family.pixel_values([im for _, im in batches[0]])
     ip = processor.image_processor
