@@ -27,6 +27,7 @@ import common
 import families
 import train_blip
 from common import UserError
+from conftest import train_in_process
 from download_coco import add_mistakes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -355,6 +356,16 @@ def test_caption_loss_is_cross_entropy_per_caption():
             torch.testing.assert_close(losses[row], expected)
         (grad,) = torch.autograd.grad(losses.sum(), logits)
         assert grad[2].abs().sum() == 0 and grad[0, :2].abs().sum() == 0 and grad[1].abs().sum() > 0
+
+
+def test_sample_captions_after_the_first_and_last_epoch_and_every_n(train_args, tmp_path):
+    out = tmp_path / "out"
+    run_args = [*train_args, f"--OUTPUT_DIR={out}", "--SAVE_EVERY_STEPS=0"]
+    train_in_process([*run_args, "--EPOCHS=6", "--NUM_SAMPLE_CAPTIONS=1", "--SAMPLE_EVERY_EPOCHS=4"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs if "captions" in r] == [1, 4, 6]
+    assert all(r["captions"][0]["generated"] for r in epochs if "captions" in r)
 
 
 # ----------------------------------------------------------------------------- whole runs
