@@ -772,13 +772,13 @@ def cached_part(prefix_stages: int, n_stages: int, why_not: str) -> str:
 def caption_loss(logits, targets, label_smoothing: float = 0.0):
     """Cross-entropy of aligned logits and targets (-100: not learnt), averaged over each caption's
     own tokens: one loss per caption."""
-    token_loss = F.cross_entropy(  # over (tokens, vocab) rows: the softmax runs along contiguous memory
-        logits.float().flatten(0, 1),
-        targets.flatten(),
+    token_loss = F.cross_entropy(
+        logits.float().transpose(1, 2),
+        targets,
         ignore_index=-100,
         reduction="none",
         label_smoothing=label_smoothing,
-    ).view_as(targets)
+    )
     return token_loss.sum(1) / (targets != -100).sum(1).clamp(min=1)
 
 
