@@ -655,13 +655,16 @@ def fetch_many(
     max_failures_in_a_row: int,
     desc: str,
     stop_hint: str,
+    grace_s: float = 30.0,
 ) -> dict:
     """Run fetch(name, stop) on `workers` threads until `want` succeed, replacing each failure by the
     next name from `names` (shared between calls). Returns the successes in pool order and the failures.
 
-    The workers are daemon threads: on Ctrl-C or an error, `stop` is set (they check it between reads)
-    and the process can exit at once. A ThreadPoolExecutor would join its threads at exit, waiting on
-    a stalled request for up to (RETRIES + 1) x TIMEOUT."""
+    After max_failures_in_a_row failures in a row nothing new starts, and the downloads already running
+    get up to grace_s seconds to end, so an image that was arriving when others began to fail is kept;
+    then the error is raised. The workers are daemon threads: on Ctrl-C or an error, `stop` is set (they
+    check it between reads) and the process can exit at once. A ThreadPoolExecutor would join its
+    threads at exit, waiting on a stalled request for up to (RETRIES + 1) x TIMEOUT."""
     order = itertools.count()
     ok: list[tuple[int, str]] = []
     failures: list[tuple[str, str]] = []
@@ -690,9 +693,14 @@ def fetch_many(
         t.start()
     try:
         running = sum(submit_next() for _ in range(want))
+        give_up, grace_end = None, 0.0  # the error to raise once the running downloads have ended
         with tqdm(total=want, desc=desc, unit="img") as bar:
             while running:
-                idx, name, outcome = results.get()
+                try:
+                    wait = None if give_up is None else max(grace_end - time.monotonic(), 0.0)
+                    idx, name, outcome = results.get(timeout=wait)
+                except queue.Empty:  # the grace is over: stop sets, the rest end at their next read
+                    break
                 running -= 1
                 if isinstance(outcome, BaseException):
                     raise outcome
@@ -705,14 +713,20 @@ def fetch_many(
                     continue
                 failures.append((name, reason))
                 in_a_row += 1
+                if give_up is not None:
+                    continue
                 tqdm.write(f"  failed {name}: {reason}; taking another image")
                 if in_a_row >= max_failures_in_a_row:
-                    raise common.UserError(
+                    give_up = common.UserError(
                         f"{in_a_row} downloads in a row failed (last: {name}: {reason}); {stop_hint}"
                     )
+                    grace_end = time.monotonic() + grace_s
+                    continue
                 added = submit_next()
                 running += added
                 counts["replaced"] += added
+        if give_up is not None:
+            raise give_up
     finally:
         stop.set()  # running downloads end at their next read; queued ones are never started
         for _ in threads:
@@ -791,7 +805,11 @@ def main(argv=None):
             return fetch_image(session, url, folder / name, cfg, ledgers[folder], stop)
 
         hint = f"is the server at COCO_BASE_URL={base} up? Rerun to resume: finished images in {folder} stay"
-        runs.append(fetch_many(fetch, names, want, cfg["WORKERS"], cfg["MAX_FAILURES_IN_A_ROW"], desc, hint))
+        runs.append(
+            fetch_many(
+                fetch, names, want, cfg["WORKERS"], cfg["MAX_FAILURES_IN_A_ROW"], desc, hint, cfg["TIMEOUT"]
+            )
+        )
     train, test = runs
 
     write_outputs(out, train["names"], captions_by_file, cfg["ADD_MISTAKES"], metadata=True)
