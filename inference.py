@@ -461,7 +461,9 @@ def caption_both(model, base_model, family, images, compare: bool, generate_kwar
     )
 
 
-def caption_images(model, family, images, batch_size=8, precision=None, **generate_kwargs) -> list[str]:
+def caption_images(
+    model, family, images, batch_size=BatchSize.FIRST, precision=None, **generate_kwargs
+) -> list[str]:
     """Caption PIL images in batches with the model as it is (adapter on, for a peft model).
 
     precision=None keeps the model's dtype; "auto"/"fp32"/"bf16"/"fp16" casts it first (in place,
@@ -474,7 +476,9 @@ def caption_images(model, family, images, batch_size=8, precision=None, **genera
     return captions
 
 
-def caption_images_with_base(model, family, images, batch_size=8, precision=None, **generate_kwargs):
+def caption_images_with_base(
+    model, family, images, batch_size=BatchSize.FIRST, precision=None, **generate_kwargs
+):
     """Like caption_images, for a peft model: returns (fine-tuned captions, base captions), the
     base ones with the adapter switched off, sharing the vision stages the adapter leaves alone."""
     if precision is not None:
@@ -785,9 +789,9 @@ def main(argv=None):
     if show not in ("auto", "always", "never"):
         raise UserError(f"SHOW={cfg['SHOW']!r}; valid values: auto, always, never")
     # MIN_LENGTH == MAX_LENGTH forces captions of exactly that length: legitimate, generate() accepts it.
-    batch = cfg["BATCH_SIZE"]
-    if batch != "auto" and not (batch.isdigit() and int(batch) >= 1):
-        raise UserError(f"BATCH_SIZE={batch!r}; use 'auto' or a whole number >= 1")
+    batch_size = str(cfg["BATCH_SIZE"])  # "auto", "16" from --BATCH_SIZE=16, or 16 edited into the file
+    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) >= 1):
+        raise UserError(f"BATCH_SIZE={cfg['BATCH_SIZE']!r}; use 'auto' or a whole number >= 1")
     if cfg["NUM_BEAMS"] < 1 or cfg["MAX_LENGTH"] < cfg["MIN_LENGTH"]:
         raise UserError("need NUM_BEAMS >= 1 and MAX_LENGTH >= MIN_LENGTH")
 
@@ -838,7 +842,7 @@ def main(argv=None):
     results, skipped, thumbs = [], [], []
     bar = tqdm(total=len(paths), desc="captioning", unit="img", disable=len(paths) < 2)
     start = time.perf_counter()
-    batches = BatchSize(cfg["BATCH_SIZE"], device, log=tqdm.write)
+    batches = BatchSize(batch_size, device, log=tqdm.write)
     for batch in read_batches(paths, batches, skipped, log=tqdm.write):
         images = [im for _, im in batch]
         tuned, base = batches.run(

@@ -1062,20 +1062,20 @@ def end_epoch(cfg, run, family, data, training, state, ended: str, seen: int, se
         data.cache,
         accelerator,
     )
+    number = state.epoch + 1
+    last = number == cfg["EPOCHS"] or state.global_step >= data.total_steps
     sums = torch.tensor([state.epoch_loss, state.epoch_n, val_sum, val_n], dtype=torch.float64)
     totals = accelerator.reduce(sums, "sum").tolist()
     rate = seen * run.world / max(seconds, 1e-9) if seen else None
     entry = {
         "type": "epoch",
-        "epoch": state.epoch + 1,
+        "epoch": number,
         "step": state.global_step,
         "train_loss": totals[0] / max(totals[1], 1),
         "val_loss": totals[2] / totals[3] if totals[3] else None,
         "samples_per_s": round(rate, 3) if rate else None,
         "train_time_s": round(seconds, 2),
     }
-    number = state.epoch + 1
-    last = number == cfg["EPOCHS"] or state.global_step >= data.total_steps
     if run.is_main and (number == 1 or last or number % cfg["SAMPLE_EVERY_EPOCHS"] == 0):
         sample = (data.val_ids or data.train_ids)[: cfg["NUM_SAMPLE_CAPTIONS"]]
         paths = [data.dataset.paths[i] for i in sample]
@@ -1096,7 +1096,7 @@ def end_epoch(cfg, run, family, data, training, state, ended: str, seen: int, se
     state.epoch_n = 0
     val_text = "-" if entry["val_loss"] is None else f"{entry['val_loss']:.4f}"
     run.log(
-        f"epoch {state.epoch + 1}/{cfg['EPOCHS']}: train loss {entry['train_loss']:.4f}  "
+        f"epoch {number}/{cfg['EPOCHS']}: train loss {entry['train_loss']:.4f}  "
         f"val loss {val_text}  "
         f"{entry['samples_per_s'] or 0:.2f} samples/s  {seconds:.1f} s"
     )

@@ -653,3 +653,15 @@ def test_end_to_end_download_train_infer(tmp_path, serve, coco_mirror, blip_proc
     assert "test_image.jpg" in held_out  # a copy of one held-out image, listed so the default run is scored
     assert saved["metrics"]["images_scored"] == len(held_out) - 1  # ... but each image is scored once
     assert saved["figure"]["panels"] == len(saved["images"]) and out["table_text"] == saved["table_text"]
+
+
+def test_batch_size_may_be_edited_into_the_file_as_a_number(tmp_path, adapter_dir, images, monkeypatch):
+    """Users edit the constants: BATCH_SIZE = 2 in the file is an int, --BATCH_SIZE=2 arrives as "2"."""
+    monkeypatch.setattr(inference, "BATCH_SIZE", 2)
+    sizes = []
+    real = inference.caption_both
+    monkeypatch.setattr(
+        inference, "caption_both", lambda m, b, f, ims, *r: sizes.append(len(ims)) or real(m, b, f, ims, *r)
+    )
+    run(tmp_path, f"--ADAPTER_DIR={adapter_dir}", f"--IMAGES={images[0].parent}", "--COMPARE_BASE=False")
+    assert sizes and max(sizes) == 2
